@@ -83,11 +83,17 @@ def _split(texts: list[str], split: str, heldout_share: float = 0.05) -> list[st
     return [t for i, t in enumerate(texts) if i % stride]
 
 
-def _documents(src: SourceConfig, split: str, tokenizer, run_dir: Path) -> Iterator[Document]:
+def _documents(src: SourceConfig, split: str, tokenizer, run_dir: Path, seed: int) -> Iterator[Document]:
+    """Documents of one source split in a seeded order, tokenized lazily so that packing can stop as soon
+    as the source's share of the budget is filled."""
     if src.kind == "synth":
-        yield from _synth_documents(src, split, tokenizer, run_dir)
+        docs = list(_synth_documents(src, split, tokenizer, run_dir))
+        random.Random(seed).shuffle(docs)
+        yield from docs
         return
-    for text in _read_texts(src, split, run_dir):
+    texts = _read_texts(src, split, run_dir)
+    random.Random(seed).shuffle(texts)
+    for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         yield Document(ids, [1] * len(ids))
 
@@ -144,11 +150,6 @@ def _to_tensors(ids, pos, mask, seq_len) -> dict[str, torch.Tensor]:
     }
 
 
-def _shuffled(docs: list[Document], seed: int) -> list[Document]:
-    random.Random(seed).shuffle(docs)
-    return docs
-
-
 def build_data(cfg: RunConfig, run_dir: Path) -> Path:
     """The `data` stage. Returns RUN/data; returns at once if it is already complete."""
     from teachers.resolve import load_tokenizer, resolve_teacher, teacher_identity
@@ -167,8 +168,7 @@ def build_data(cfg: RunConfig, run_dir: Path) -> Path:
     heldout_done: set[str] = set()
     for i, src in enumerate(dcfg.sources):
         rows = max(1, math.ceil(dcfg.train_tokens * src.weight / total_weight / dcfg.seq_len))
-        docs = _shuffled(list(_documents(src, "train", tokenizer, run_dir)), dcfg.seed + i)
-        part = pack(iter(docs), dcfg.seq_len, rows)
+        part = pack(_documents(src, "train", tokenizer, run_dir, dcfg.seed + i), dcfg.seq_len, rows)
         if part["input_ids"].shape[0] < rows:
             print(f"data: source {src.name!r} has only {part['input_ids'].shape[0]} rows of the {rows} "
                   f"its weight asks for; the sampler will repeat them")
@@ -179,7 +179,8 @@ def build_data(cfg: RunConfig, run_dir: Path) -> Path:
         stats.append({"name": src.name, "kind": src.kind, "domain": src.domain, "weight": src.weight,
                       "train_rows": int(part["input_ids"].shape[0])})
         if src.domain not in heldout_done and dcfg.heldout_sequences_per_domain > 0:
-            held = pack(_documents(src, "heldout", tokenizer, run_dir), dcfg.seq_len, dcfg.heldout_sequences_per_domain)
+            held = pack(_documents(src, "heldout", tokenizer, run_dir, dcfg.seed),
+                        dcfg.seq_len, dcfg.heldout_sequences_per_domain)
             held["domain"] = torch.full((held["input_ids"].shape[0],), domains.index(src.domain), dtype=torch.int16)
             heldout_parts.append(held)
             heldout_done.add(src.domain)
