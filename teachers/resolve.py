@@ -42,7 +42,8 @@ def resolve_teacher(model: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=model, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                  "README.md", "LICENSE*", "USE_POLICY.md"]))
 
 
 def teacher_display_id(model: str) -> str:
