@@ -47,6 +47,8 @@ class TeacherConfig:
     tensor_parallel_size: int = 1  # vllm backend
     gpu_memory_utilization: float = 0.85  # vllm backend
     server_url: str | None = None  # vllm-server backend, e.g. http://127.0.0.1:8000
+    max_logprobs: int = 128  # vllm backends: the engine's cap on prompt logprobs (must be ≥ capture.top_k)
+    max_model_len: int | None = None  # vllm backend: context length (None: the model's own)
 
 
 @dataclass
@@ -79,9 +81,12 @@ class DataConfig:
 
 @dataclass
 class CaptureConfig:
+    """How teacher top-k logprobs are captured and stored (codec details in teachers/store.py)."""
+
     top_k: int = 64
-    sequences_per_shard: int = 64
-    logprob_bits: int = 8  # quantisation of stored logprobs (see teachers/store.py)
+    sequences_per_shard: int = 64  # one shard file = the unit of resumption
+    logprob_bits: int = 7  # resolution of stored logprobs: step 2^-bits in sqrt(p / p_top1)
+    logprob_max_step: float = 0.5  # nats: the coarsest step, used deep in the tail
 
 
 @dataclass
@@ -90,8 +95,19 @@ class StudentConfig:
 
     size: str = "smollm2-prune-8l"
     init: Literal["teacher", "scratch"] = "teacher"
+    # Depth pruning: "even" keeps evenly spaced layers (first and last included); "importance" keeps the
+    # layers that change the hidden state most on calibration text (block influence). `layers` (teacher
+    # layer indices) overrides both.
     layer_selection: Literal["even", "importance"] = "even"
+    layers: list[int] = field(default_factory=list)
+    calibration_sequences: int = 8  # sequences of RUN/data/train.safetensors used for importance scores
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.calibration_sequences <= 0:
+            raise ConfigError(f"student.calibration_sequences: must be > 0, got {self.calibration_sequences!r}")
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ConfigError(f"student.layers: must be distinct non-negative layer indices, got {self.layers!r}")
 
 
 @dataclass
@@ -123,16 +139,40 @@ class TrainConfig:
 
 @dataclass
 class AnnealConfig:
+    """The final annealing stage (Llama 3): LR linear to 0 while upsampled domains (math, code) are seen more,
+    then the checkpoints saved during it are averaged into the final model (distill/anneal.py)."""
+
     enabled: bool = False
-    fraction: float = 0.2  # share of the total token budget spent annealing
-    upsample: dict[str, float] = field(default_factory=lambda: {"math": 3.0, "code": 3.0})
-    num_checkpoints: int = 4
-    average: bool = True
-    ema_decay: float = 0.0  # 0 disables the EMA
+    fraction: float = 0.2  # share of the total token budget spent annealing: steps = main × f / (1 − f)
+    upsample: dict[str, float] = field(default_factory=lambda: {"math": 3.0, "code": 3.0})  # weight multipliers
+    num_checkpoints: int = 4  # evenly spaced over the last `average_window` of the steps, the last at the end
+    average_window: float = 0.5  # share of the annealing steps (from the end) the averaged checkpoints span
+    average: bool = True  # final/ = average of those checkpoints (False: the last one)
+    ema_decay: float = 0.0  # > 0: average with weights ∝ decay^(age in checkpoints) instead of uniformly
+    start_lr: float = 0.0  # LR of the first annealing step; 0: where the main schedule stands (its checkpoint)
+
+    def validate(self) -> None:
+        if self.num_checkpoints < 1:
+            raise ConfigError(f"anneal.num_checkpoints: must be >= 1, got {self.num_checkpoints!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"anneal.ema_decay: must be in [0, 1), got {self.ema_decay!r}")
+        if not 0.0 < self.average_window <= 1.0:
+            raise ConfigError(f"anneal.average_window: must be in (0, 1], got {self.average_window!r}")
+        if self.start_lr < 0:
+            raise ConfigError(f"anneal.start_lr: must be >= 0, got {self.start_lr!r}")
+        for domain, factor in self.upsample.items():
+            if factor < 0:
+                raise ConfigError(f"anneal.upsample.{domain}: must be >= 0, got {factor!r}")
 
 
 @dataclass
 class SynthConfig:
+    """Synthetic SFT data (`distill synth`, synth_data/): teacher samples, verified, filtered.
+
+    `prompts` entries: `seed:math` (reasoning-gym gsm_symbolic), `seed:code`, `seed:general` (shipped
+    JSONL), `reasoning-gym:NAME`, `jsonl:PATH`, `hf:PATH_OR_ID[@SPLIT]`. `max_prompts` caps each entry.
+    """
+
     enabled: bool = False
     prompts: list[str] = field(default_factory=lambda: ["seed:math", "seed:code"])
     max_prompts: int = 16
@@ -141,6 +181,27 @@ class SynthConfig:
     top_p: float = 0.95
     max_new_tokens: int = 192
     keep: Literal["best", "all_passing"] = "best"
+    seed: int = 0
+    generation_batch: int = 8  # prompts per teacher.generate call (one resume checkpoint each)
+    reward_model: str | None = None  # sequence-classification model scoring prompts without a verifier
+    code_timeout_s: float = 10.0  # sandbox wall-clock limit per code sample
+    min_response_tokens: int = 4
+    drop_truncated: bool = True  # drop samples that hit max_new_tokens without stopping
+    near_dup_threshold: float = 0.8  # MinHash Jaccard above which a sample is a near-duplicate (1.0: off)
+    decontam_ngram: int = 13  # word n-gram overlap with an evaluation set removes a sample (0: off)
+    decontam_sets: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "mbpp", "arc"])
+
+    def validate(self) -> None:
+        for name in ("max_prompts", "samples_per_prompt", "max_new_tokens", "generation_batch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"synth.{name}: must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"synth.top_p: must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 < self.near_dup_threshold <= 1.0:
+            raise ConfigError(f"synth.near_dup_threshold: must be in (0, 1], got {self.near_dup_threshold!r}")
+        unknown = set(self.decontam_sets) - {"gsm8k", "humaneval", "mbpp", "arc"}
+        if unknown:
+            raise ConfigError(f"synth.decontam_sets: unknown {sorted(unknown)} (valid: gsm8k, humaneval, mbpp, arc)")
 
 
 @dataclass
@@ -149,13 +210,15 @@ class EvalConfig:
     limit: int = 20  # items per task (0: all)
     max_new_tokens: int = 256
     batch_size: int = 8
-    every_steps: int = 0  # also evaluate checkpoints during training every N steps (0: off)
+    every_steps: int = 0  # evaluate saved checkpoints at multiples of N steps (0: every saved checkpoint)
+    # Tasks run on each checkpoint for the gap-over-steps chart (cheap ones: the curve needs many points).
+    checkpoint_tasks: list[str] = field(default_factory=lambda: ["intrinsic"])
 
 
 @dataclass
 class PublishConfig:
     name: str = ""  # model name; "" derives one from the teacher and student size
-    license: str = "apache-2.0"
+    license: str = ""  # "" inherits the teacher's licence (a Meta Llama teacher forces its Llama licence)
     push_to_hub: str | None = None
     verify_vllm: bool = False
 
