@@ -88,6 +88,12 @@ class CaptureConfig:
     logprob_bits: int = 7  # resolution of stored logprobs: step 2^-bits in sqrt(p / p_top1)
     logprob_max_step: float = 0.5  # nats: the coarsest step, used deep in the tail
 
+    def validate(self) -> None:
+        if not 2 <= self.logprob_bits <= 14:
+            raise ConfigError(f"capture.logprob_bits: must be in [2, 14], got {self.logprob_bits!r}")
+        if not self.logprob_max_step > 0:
+            raise ConfigError(f"capture.logprob_max_step: must be > 0, got {self.logprob_max_step!r}")
+
 
 @dataclass
 class StudentConfig:

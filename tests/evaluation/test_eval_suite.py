@@ -1,0 +1,137 @@
+"""The batched model primitives, the cache, the report files, `distill eval` on folders and the eval stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from eval_helpers import write_heldout
+
+from distill.artifacts import read_manifest, write_manifest
+from distill.config import load_config
+from evaluation.cache import model_hash
+from evaluation.lm import EvalModel, truncate_at_stop
+from evaluation.suite import eval_cli, evaluate_models, evaluate_run
+
+
+@pytest.fixture
+def heldout_file(tmp_path):
+    return write_heldout(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_teacher_dir):
+    return EvalModel(tiny_teacher_dir)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    prompts = ["def add(a, b):", "Question: what is 2 + 2?\nAnswer: It is", "Hi"]
+    batched = tiny.generate(prompts, max_new_tokens=6, batch_size=3)
+    alone = [tiny.generate([p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(tiny.encode(o, special=False)) <= 6 for o in batched)
+
+
+def test_stop_strings_cut_the_output(tiny):
+    full = tiny.generate(["Hello"], max_new_tokens=8)[0]
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = tiny.generate(["Hello"], max_new_tokens=8, stop=[stop])[0]
+    assert cut == full[:full.find(stop)]
+    assert truncate_at_stop("abc\n\nxyz Question: q", ["Question:", "\n\n"]) == "abc"
+
+
+@torch.inference_mode()
+def test_score_equals_manual_log_likelihood(tiny):
+    requests = [("The cat sat on the", " mat"), ("One two", " three four five"), ("x", " y")]
+    scores = tiny.score(requests, batch_size=2)
+    for (ctx, cont), s in zip(requests, scores, strict=True):
+        c, k = tiny.encode(ctx), tiny.encode(cont, special=False)
+        ids = torch.tensor([c + k])
+        lp = torch.log_softmax(tiny.model(ids).logits[0].double(), -1)
+        expected = sum(float(lp[len(c) - 1 + j, k[j]]) for j in range(len(k)))
+        assert s.num_tokens == len(k)
+        assert s.logprob == pytest.approx(expected, abs=1e-3)
+
+
+def test_model_hash_follows_the_weights(tiny_teacher_dir, smollm2_dir, tmp_path):
+    copy = shutil.copytree(tiny_teacher_dir, tmp_path / "copy")
+    assert model_hash(copy) == model_hash(tiny_teacher_dir)
+    other = make_tiny_llama(tmp_path / "other", smollm2_dir, seed=3)
+    assert model_hash(other) != model_hash(tiny_teacher_dir)
+
+
+def test_evaluate_models_writes_the_report_and_caches(tiny_teacher_dir, smollm2_dir, heldout_file, tmp_path):
+    twin = shutil.copytree(tiny_teacher_dir, tmp_path / "twin")
+    other = make_tiny_llama(tmp_path / "other", smollm2_dir, seed=5)
+    kwargs = dict(teacher="T", teacher_path=tiny_teacher_dir, tasks=["intrinsic", "arc_easy"], limit=2,
+                  heldout=heldout_file, batch_size=4)
+    report = evaluate_models({"twin": twin, "other": other}, out_dir=tmp_path / "out", **kwargs)
+    for f in ("report.json", "report.md", "gap.png"):
+        assert (tmp_path / "out" / f).is_file()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["teacher"] == "T"
+    assert set(report["models"]) == {"T", "twin", "other"}
+    assert report["models"]["T"]["role"] == "teacher" and report["models"]["twin"]["role"] == "student"
+    twin_gap = {r["metric"]: r for r in report["gap"]["twin"]}
+    assert twin_gap["kl_to_teacher"]["student"] == pytest.approx(0.0, abs=1e-6)
+    assert twin_gap["top1_agreement"]["recovered_pct"] == pytest.approx(100.0)
+    assert twin_gap["ppl_general"]["recovered_pct"] == pytest.approx(100.0, rel=1e-4)
+    assert twin_gap["arc_easy_acc"]["student"] == report["models"]["T"]["metrics"]["arc_easy_acc"]
+    assert {r["metric"] for r in report["gap"]["other"]} >= {"ppl_general", "ppl_math", "kl_to_teacher",
+                                                            "top1_agreement", "arc_easy_acc"}
+    assert report["throughput"]["other"]["arc_easy"]["samples"] == 2
+    assert not report["errors"]
+    assert "| kl_to_teacher | ↓ |" in (tmp_path / "out" / "report.md").read_text()
+
+    again = evaluate_models({"twin": twin, "other": other}, out_dir=tmp_path / "out2", **kwargs)
+    assert all(t["cached"] for tasks in again["throughput"].values() for t in tasks.values())
+    assert again["gap"] == report["gap"]
+
+
+def test_eval_cli_on_plain_folders(tiny_teacher_dir, smollm2_dir, tmp_path, capsys):
+    student = make_tiny_llama(tmp_path / "my-student", smollm2_dir, seed=9)
+    report = eval_cli([str(student)], str(tiny_teacher_dir), ["arc_easy"], 2, tmp_path / "out")
+    assert "my-student" in report["gap"]
+    assert "arc_easy_acc" in report["models"]["my-student"]["metrics"]
+    assert "| arc_easy_acc |" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
+        eval_cli([str(tmp_path)], str(tiny_teacher_dir), ["arc_easy"], 2, tmp_path / "out")
+
+
+def test_eval_stage_with_checkpoints(tiny_teacher_dir, smollm2_dir, tmp_path):
+    run = tmp_path / "run"
+    heldout_dir = run / "data"
+    write_heldout(heldout_dir)
+    final = make_tiny_llama(run / "train" / "final", smollm2_dir, seed=11)
+    for step, seed in ((2, 12), (4, 13)):
+        ckpt = run / "train" / "checkpoints" / f"step-{step:06d}"
+        make_tiny_llama(ckpt, smollm2_dir, seed=seed)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            (ckpt / name).unlink(missing_ok=True)  # checkpoints hold weights only
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+    write_manifest(run / "train", "train", config={}, teacher=None)
+    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic]", "eval.limit=2"])
+    out = evaluate_run(cfg, run)
+    assert read_manifest(out, "eval")["stage"] == "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["student"]["path"] == str(final)
+    steps = {m["step"] for m in report["models"].values() if m["role"] == "checkpoint"}
+    assert steps == {2, 4}
+    assert (out / "gap_steps.png").is_file()
+    assert "Gap over training steps" in (out / "report.md").read_text()
+
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert evaluate_run(cfg, run) == out and (out / "manifest.json").stat().st_mtime_ns == stamp  # done: skipped
+    more = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic,arc_easy]", "eval.limit=2"])
+    report = json.loads((evaluate_run(more, run) / "report.json").read_text())  # other settings: redone
+    assert "arc_easy_acc" in report["models"]["student"]["metrics"]
+    assert report["throughput"]["student"]["intrinsic"]["cached"]

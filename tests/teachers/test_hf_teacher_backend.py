@@ -1,0 +1,90 @@
+"""The transformers backend: chunked top-k is exact, packed documents stay apart, sampling works."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from teacher_testdata import packed_rows
+
+from distill.config import TeacherConfig
+from teachers.backend import TopK, document_spans, make_backend, tail_logmass_from_topk
+from teachers.hf_backend import TransformersBackend, chunked_topk
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_teacher_dir):
+    be = make_backend(TeacherConfig(model=str(tiny_teacher_dir), topk_chunk_size=37, batch_size=2), tiny_teacher_dir)
+    assert isinstance(be, TransformersBackend)
+    yield be
+    be.close()
+
+
+def test_chunked_topk_equals_full_log_softmax(backend):
+    head = backend.model.get_output_embeddings()
+    hidden = torch.randn(100, head.in_features) * 3
+    with torch.inference_mode():
+        ids, lps, tail = chunked_topk(hidden, head, 16, chunk_size=7)
+        full = head(hidden).double().log_softmax(-1)
+    ref_lp, ref_ids = full.topk(16, -1)
+    assert torch.equal(ids, ref_ids)
+    assert torch.allclose(lps.double(), ref_lp, atol=1e-5)
+    ref_tail = torch.log1p(-ref_lp.exp().sum(-1))
+    assert torch.allclose(tail.double(), ref_tail, atol=1e-4)
+    # Where only the top-k is known, the tail from 1 - sum agrees (for non-negligible tails).
+    assert torch.allclose(tail_logmass_from_topk(lps).double(), ref_tail, atol=1e-3)
+
+
+def test_document_spans():
+    assert document_spans(torch.tensor([5, 6, 0, 1, 2, 0, 0])) == [(0, 2), (2, 5), (5, 6), (6, 7)]
+    assert document_spans(torch.tensor([0, 1, 2])) == [(0, 3)]
+
+
+def test_packed_documents_are_scored_as_if_alone(backend, eos_id):
+    ids, pos = packed_rows(2, 40, 49152, eos_id, seed=3)
+    tops = backend.score(ids, pos, k=8)
+    assert len(tops) == 2 and isinstance(tops[0], TopK)
+    assert tops[0].ids.shape == (40, 8) and tops[0].ids.dtype == torch.int64
+    assert tops[0].logprobs.dtype == torch.float32 and tops[0].tail_logmass.shape == (40,)
+    assert (tops[0].logprobs[:, :-1] >= tops[0].logprobs[:, 1:]).all()
+    checked = 0
+    for row in range(2):
+        for start, end in document_spans(pos[row]):
+            alone = backend.score(ids[row:row + 1, start:end], torch.arange(end - start)[None], k=8)[0]
+            assert torch.equal(alone.ids, tops[row].ids[start:end])
+            assert torch.allclose(alone.logprobs, tops[row].logprobs[start:end], atol=1e-4)
+            assert torch.allclose(alone.tail_logmass, tops[row].tail_logmass[start:end], atol=1e-4)
+            checked += 1
+    assert checked >= 4  # the rows really hold several documents
+
+
+def test_score_rejects_k_above_vocab(backend):
+    with pytest.raises(ValueError, match="top_k"):
+        backend.score(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], k=49153)
+
+
+def test_generate_samples_n_completions_reproducibly(backend, eos_id):
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [100, 200, 300]]
+    out = backend.generate(prompts, n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=11)
+    assert len(out) == 3 and all(len(samples) == 3 for samples in out)
+    assert all(len(s) <= 6 and eos_id not in s for samples in out for s in samples)
+    assert out == backend.generate(prompts, n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=11)
+    assert len({tuple(s) for samples in out for s in samples}) > 1  # sampling, not one repeated answer
+
+    greedy = backend.generate(prompts[:1], n=2, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=0)[0]
+    assert greedy[0] == greedy[1]
+    seq = list(prompts[0])
+    with torch.inference_mode():
+        for _ in range(len(greedy[0])):
+            seq.append(int(backend.model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert seq[len(prompts[0]):] == greedy[0]
+
+
+def test_vllm_server_client_names_an_unreachable_url(tiny_teacher_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}.*teacher.server_url"):
+        make_backend(TeacherConfig(model=str(tiny_teacher_dir), backend="vllm-server",
+                                   server_url=f"http://127.0.0.1:{port}"), tiny_teacher_dir)
