@@ -61,7 +61,10 @@ class TransformersBackend:
         input_ids = input_ids.to(self.device, torch.long)
         position_ids = position_ids.to(self.device, torch.long)
         batch, length = input_ids.shape
-        mask = document_causal_mask(position_ids, dtype=self.model.dtype)
+        # A batch of single-document rows needs only the plain causal mask, which attention kernels run
+        # faster (no [B, 1, L, L] mask to read); any restart of the position ids needs the document mask.
+        packed = bool((position_ids[:, 1:] == 0).any())
+        mask = document_causal_mask(position_ids, dtype=self.model.dtype) if packed else None
         body = self.model.get_decoder()
         hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state
