@@ -36,11 +36,16 @@ class EvalModel:
 
         self.path = Path(path)
         self.model = load_model(self.path, dtype=dtype, device=device)
+        self.device = next(self.model.parameters()).device
+        if self.model.config._attn_implementation == "sdpa" and self.device.type == "cpu":
+            from evaluation.attention import register
+
+            # Same outputs as "sdpa" without copying the KV cache per query head (see evaluation/attention.py).
+            self.model.set_attn_implementation(register())
         has_tokenizer = (self.path / "tokenizer.json").is_file() or (self.path / "tokenizer_config.json").is_file()
         if not has_tokenizer and tokenizer_path is None:
             raise FileNotFoundError(f"{self.path}: no tokenizer files and no tokenizer_path given")
         self.tokenizer = load_tokenizer(self.path if has_tokenizer else Path(tokenizer_path))
-        self.device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0

@@ -156,7 +156,8 @@ def plot_gap_bars(report: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("% of teacher recovered (100 = teacher)")
     ax.set_title(f"Students vs teacher {report['teacher']}")
-    ax.legend(loc="lower right", fontsize="small")
+    if students:
+        ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     _save(fig, path)
 

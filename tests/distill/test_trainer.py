@@ -277,7 +277,18 @@ def test_refuses_a_logit_store_from_another_tokenizer(tmp_path, tiny_teacher_dir
     assert not (tmp_path / "train" / "metrics.jsonl").exists()
 
 
-def test_bf16_mixed_precision_and_grad_accumulation(tmp_path, tiny_teacher_dir):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; a test that trains with
+    another precision than the other tests in this process gets a fresh one (and leaves one behind)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_mixed_precision_and_grad_accumulation(tmp_path, tiny_teacher_dir, fresh_accelerate_state):
     """bf16 autocast (the document mask follows the compute dtype) with 2 accumulation micro-batches."""
     cfg = make_run(tmp_path, tiny_teacher_dir, mixed_precision="bf16", grad_accum=2, max_steps=2, save_every=0)
     out = train(cfg, tmp_path)

@@ -135,3 +135,23 @@ def test_eval_stage_with_checkpoints(tiny_teacher_dir, smollm2_dir, tmp_path):
     report = json.loads((evaluate_run(more, run) / "report.json").read_text())  # other settings: redone
     assert "arc_easy_acc" in report["models"]["student"]["metrics"]
     assert report["throughput"]["student"]["intrinsic"]["cached"]
+
+
+@torch.inference_mode()
+def test_grouped_attention_matches_stock_sdpa(tiny, tiny_teacher_dir):
+    from distill.packing import document_causal_mask
+    from teachers.resolve import load_model
+
+    assert tiny.model.config._attn_implementation == "grouped_sdpa"
+    stock = load_model(tiny_teacher_dir, device="cpu")
+    assert stock.config._attn_implementation == "sdpa"
+    ids, mask, pos = tiny._left_pad([[5, 6, 7, 8, 9], [10, 11]])
+    for kwargs in ({"attention_mask": mask, "position_ids": pos}, {}):  # padded batch; no mask (causal)
+        torch.testing.assert_close(tiny.model(input_ids=ids, **kwargs).logits, stock(input_ids=ids, **kwargs).logits)
+    packed = torch.tensor([[0, 1, 2, 0, 1]])
+    torch.testing.assert_close(
+        tiny.model(input_ids=ids[:1], attention_mask=document_causal_mask(packed), position_ids=packed).logits,
+        stock(input_ids=ids[:1], attention_mask=document_causal_mask(packed), position_ids=packed).logits)
+    gen = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False,
+           "pad_token_id": tiny.pad_id}
+    assert torch.equal(tiny.model.generate(**gen), stock.generate(**gen))
