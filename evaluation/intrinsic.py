@@ -121,7 +121,7 @@ def intrinsic_metrics(student, teacher, heldout: HeldOut, *, batch_size: int = 8
         if teacher is student:
             h_t = h_s
         elif teacher_hidden is not None and (start, batch_size) in teacher_hidden:
-            h_t = teacher_hidden[(start, batch_size)]
+            h_t = teacher_hidden[(start, batch_size)].to(t_device)
         else:
             h_t = _hidden(teacher, ids.to(t_device), pos.to(t_device))
             h_t = h_t[:, :-1].reshape(-1, h_t.shape[-1])

@@ -92,6 +92,8 @@ def test_evaluate_models_writes_the_report_and_caches(tiny_teacher_dir, smollm2_
     assert not report["errors"]
     assert "| kl_to_teacher | ↓ |" in (tmp_path / "out" / "report.md").read_text()
 
+    assert len(list((tmp_path / "cache" / "eval" / "teacher_hidden").glob("*.safetensors"))) == 1
+
     again = evaluate_models({"twin": twin, "other": other}, out_dir=tmp_path / "out2", **kwargs)
     assert all(t["cached"] for tasks in again["throughput"].values() for t in tasks.values())
     assert again["gap"] == report["gap"]
