@@ -13,7 +13,7 @@ import json
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evaluation.cache import load_result, model_hash, save_result
 from evaluation.report import (
@@ -24,6 +24,9 @@ from evaluation.report import (
     report_markdown,
 )
 from evaluation.tasks import EvalContext, Task, get_task
+
+if TYPE_CHECKING:
+    from distill.config import RunConfig
 
 
 class _Model:
@@ -197,7 +200,7 @@ def _run_checkpoints(run_dir: Path, every_steps: int) -> dict[str, tuple[Path, i
     return found
 
 
-def evaluate_run(cfg, run_dir: Path) -> Path:
+def evaluate_run(cfg: RunConfig, run_dir: Path) -> Path:
     """The `eval` stage: teacher vs the run's final student (and its saved checkpoints) → RUN/eval/.
 
     Held-out text is the run's `data/heldout.safetensors`. Prints the Markdown gap table.
@@ -237,7 +240,7 @@ def evaluate_run(cfg, run_dir: Path) -> Path:
     return out
 
 
-def _teacher_identity(cfg, teacher_path: Path) -> dict[str, Any]:
+def _teacher_identity(cfg: RunConfig, teacher_path: Path) -> dict[str, Any]:
     from teachers.resolve import load_tokenizer, teacher_identity
 
     vocab = json.loads((teacher_path / "config.json").read_text()).get("vocab_size", -1)
