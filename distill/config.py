@@ -43,7 +43,7 @@ class TeacherConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # transformers backend: "auto" picks cuda when available
     batch_size: int = 4  # sequences per forward pass (transformers backend)
-    topk_chunk_size: int = 256  # positions per chunk when reducing full-vocab logits to top-k
+    topk_chunk_size: int = 1024  # positions per chunk when reducing full-vocab logits to top-k
     tensor_parallel_size: int = 1  # vllm backend
     gpu_memory_utilization: float = 0.85  # vllm backend
     server_url: str | None = None  # vllm-server backend, e.g. http://127.0.0.1:8000

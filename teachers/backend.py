@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from distill.config import TeacherConfig
+from distill.packing import document_spans
 
 # log(tail mass) when the top-k covers (numerically) all the mass: finite, and e**-100 is 0 in float32.
 TAIL_LOGMASS_FLOOR = -100.0
@@ -77,18 +78,6 @@ def make_backend(cfg: TeacherConfig, model_dir: Path) -> TeacherBackend:
 # ---------------------------------------------------------------------------------------------------
 # Helpers shared by the backends
 # ---------------------------------------------------------------------------------------------------
-
-
-def document_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """`[L]` position ids of one packed row → the `[start, end)` column spans of its documents.
-
-    A document starts at column 0 and wherever the position id is 0 (the same rule as
-    `distill.packing.document_ids`).
-    """
-    pos = position_ids.tolist()
-    starts = [0] + [t for t in range(1, len(pos)) if pos[t] == 0]
-    ends = starts[1:] + [len(pos)]
-    return list(zip(starts, ends, strict=True))
 
 
 def tail_logmass_from_topk(logprobs: torch.Tensor) -> torch.Tensor:
