@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 
-from distill.anneal import anneal, anneal_steps, checkpoint_steps, linear_to_zero
+from distill.anneal import anneal, anneal_steps, checkpoint_steps, linear_to_zero, report_markdown
 from distill.artifacts import read_manifest, write_manifest
 from distill.checkpoint import checkpoint_dir
 from distill.config import from_dict
@@ -80,6 +80,20 @@ def _make_run(run_dir: Path, teacher_dir: Path, objective: str, **anneal_overrid
     })
 
 
+def test_report_says_whether_averaging_helped():
+    def report(averaged_math: float) -> str:
+        per = {"last": {"math": 2.0, "code": 3.0}, "avg": {"math": averaged_math, "code": 3.0}}
+        return report_markdown({
+            "domains": ["code", "math"], "tokens": {"code": 100, "math": 300},
+            "models": {name: {d: {"loss": loss, "kl": 1.0} for d, loss in per[key].items()}
+                       for name, key in (("before", "last"), ("step 4", "last"), ("averaged", "avg"))}})
+
+    helped, hurt = report(1.96), report(2.04)
+    assert "code +0.0000, math -0.0400; all tokens -0.0300 nats/token" in helped
+    assert "did worse" not in helped
+    assert "math +0.0400; all tokens +0.0300" in hurt and "did worse than the last checkpoint" in hurt
+
+
 @pytest.mark.parametrize("objective", ["kd", "ce"])
 def test_anneal_stage_end_to_end(tmp_path, tiny_teacher_dir, objective):
     cfg = _make_run(tmp_path, tiny_teacher_dir, objective)
@@ -122,7 +136,8 @@ def test_anneal_stage_end_to_end(tmp_path, tiny_teacher_dir, objective):
     for per in report["models"].values():
         assert set(per) == set(DOMAINS)
         assert all(v["loss"] > 0 and v["kl"] >= 0 for v in per.values())
-    assert "| averaged |" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "| averaged |" in text and "Averaged − last checkpoint (step 3)" in text
     assert (out / "report.png").stat().st_size > 5000
     assert anneal(cfg, tmp_path) == out  # complete: returns at once
 
