@@ -28,9 +28,14 @@ def test_chunked_topk_equals_full_log_softmax(backend):
     hidden[:7] *= 300  # one chunk of logits far outside ±60: exp needs the per-row shift there
     with torch.inference_mode():
         ids, lps, tail = chunked_topk(hidden, head, 16, chunk_size=7)
+        # The same through a reused logits buffer (what the backend does for a float32 Linear head).
+        in_workspace = chunked_topk(hidden, head, 16, chunk_size=7, workspace=torch.empty(7, head.out_features))
         logits = head(hidden)
         assert logits[:7].abs().amax(-1).min() > 60 and logits[7:].abs().max() < 60
         full = logits.double().log_softmax(-1)
+    assert torch.equal(in_workspace[0], ids)
+    torch.testing.assert_close(in_workspace[1], lps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(in_workspace[2], tail, rtol=0, atol=1e-5)
     ref_lp, ref_ids = full.topk(16, -1)
     assert torch.equal(ids, ref_ids)
     # float32 resolves logits of size ~|x| to ~|x| · 1e-7: a few ulps at the big logits of the first chunk.
