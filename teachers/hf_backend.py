@@ -49,8 +49,9 @@ def chunked_topk(hidden: torch.Tensor, head: torch.nn.Module, k: int, chunk_size
         # exp needs logits shifted near 0 to stay inside float32 (|x| < 88). Shifting by each row's max is
         # safe but costs a full pass over the chunk; when every row's max already lies within ±SAFE_EXP_MAX
         # no shift is needed (the top entries keep full precision and the total cannot overflow).
-        shift = values[:, :1] if bool(values[:, 0].abs().max() > SAFE_EXP_MAX) else torch.zeros_like(values[:, :1])
-        weights = (logits if not shift.any() else logits.sub_(shift)).exp_()  # in place: logits are done with
+        needs_shift = bool(values[:, 0].abs().max() > SAFE_EXP_MAX)
+        shift = values[:, :1] if needs_shift else torch.zeros_like(values[:, :1])
+        weights = (logits.sub_(shift) if needs_shift else logits).exp_()  # in place: logits are done with
         outside = weights.scatter_(-1, ids, 0.0).sum(-1)
         total = outside + (values - shift).exp().sum(-1)
         log_z = shift[:, 0] + torch.log(total)
