@@ -26,11 +26,17 @@ import torch
 
 import teachers.capture as capture_mod
 from distill.config import EMBEDDED_TEACHER, from_dict
-from distill.data import build_data
-from teachers.capture import capture, load_train_rows, teacher_vocab_size
+from distill.data import build_data, load_split
+from teachers.capture import capture, teacher_vocab_size
 from teachers.hf_backend import TransformersBackend
 from teachers.resolve import load_model, resolve_teacher
 from teachers.store import Codec
+
+
+def train_rows(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, position_ids int32 [N, L]: the whole training split of a (small) run."""
+    arrays = load_split(data_dir, "train")
+    return torch.from_numpy(arrays["input_ids"]), torch.from_numpy(arrays["position_ids"])
 
 
 def bare_forward_seconds(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> float:
@@ -90,7 +96,7 @@ def main() -> None:
             "capture": {"top_k": args.top_k, "sequences_per_shard": args.batch_size * 2},
         })
         build_data(cfg, run)
-        ids, _ = load_train_rows(run / "data" / "train.safetensors")
+        ids, _ = train_rows(run / "data")
         tokens = ids.numel()
         model = load_model(resolve_teacher(args.teacher), cfg.teacher.dtype, cfg.teacher.device)
         bare_forward_seconds(model, ids[:1], 1)  # warm-up: first-call allocations and kernel selection
@@ -116,7 +122,7 @@ def main() -> None:
         backend = TransformersBackend(cfg.teacher, model_dir)
         codec = Codec(args.top_k, teacher_vocab_size(model_dir), cfg.capture.logprob_bits,
                       cfg.capture.logprob_max_step)
-        ids, pos = load_train_rows(run / "data" / "train.safetensors")
+        ids, pos = train_rows(run / "data")
         inter_bare, inter_work = interleaved_seconds(model, backend, codec, ids, pos, args.batch_size, args.repeats)
 
     bare = (bare_before + bare_after) / 2

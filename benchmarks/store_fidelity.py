@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from distill.config import EMBEDDED_TEACHER, TeacherConfig, from_dict
-from distill.data import build_data
+from distill.data import build_data, load_split
 from teachers.backend import TopK
-from teachers.capture import load_train_rows, teacher_vocab_size
+from teachers.capture import teacher_vocab_size
 from teachers.hf_backend import TransformersBackend
 from teachers.resolve import resolve_teacher
 from teachers.store import Codec, reconstruction_kl
@@ -32,6 +32,12 @@ SETTINGS = [  # (k, logprob_bits, logprob_max_step)
     (64, 4, 0.5), (64, 5, 0.5), (64, 6, 0.5), (64, 8, 0.5), (64, 10, 0.5),
     (64, 7, 0.25), (64, 7, 1.0), (64, 6, 0.25),
 ]
+
+
+def train_rows(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, position_ids int32 [N, L]: the whole training split of a (small) run."""
+    arrays = load_split(data_dir, "train")
+    return torch.from_numpy(arrays["input_ids"]), torch.from_numpy(arrays["position_ids"])
 
 
 def truncate(top: TopK, k: int) -> TopK:
@@ -58,7 +64,7 @@ def main() -> None:
                                   "heldout_sequences_per_domain": 0,
                                   "sources": [{"name": d, "domain": d} for d in ("general", "math", "code")]}})
         build_data(cfg, Path(run))
-        ids, pos = load_train_rows(Path(run) / "data" / "train.safetensors")
+        ids, pos = train_rows(Path(run) / "data")
     backend = TransformersBackend(TeacherConfig(model=args.teacher), model_dir)
     t0 = time.perf_counter()
     exact = [top for b in range(0, len(ids), 4) for top in backend.score(ids[b:b + 4], pos[b:b + 4], K_MAX)]

@@ -13,8 +13,10 @@ Plan (all derived from the config and the main run, so the stage is a pure funct
 - **LR**: `lr(s) = lr0 · (1 − s / S)` for s = 0 … S−1: linear from where the main schedule stands (`lr0`, the
   LR of the checkpoint's last step, or `anneal.start_lr`) towards 0 at the end of the phase.
 - **checkpoints**: `anneal.num_checkpoints` steps evenly spaced over the last `anneal.average_window` of the
-  phase, the last at S; `final/` is their uniform average (or an EMA-weighted one, or the last checkpoint
-  when averaging is off).
+  phase, the last at S; `averaged/` is their uniform average (or an EMA-weighted one).
+- **final/**: whichever of `averaged/` and the last checkpoint has the lower in-distribution held-out loss
+  (the run's validation rows, never benchmark scores); the last checkpoint when averaging is off. The
+  report and the manifest (`final_choice`) say which and by how much.
 - **report**: per-domain held-out loss (nats/token) and KL(teacher ‖ student) for the model before
   annealing, every annealing checkpoint and the averaged model (`report.md`, `report.png`, `report.json`).
 
@@ -45,9 +47,12 @@ from distill.averaging import average_checkpoints, ema_weights
 from distill.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints
 from distill.config import RunConfig, to_dict
 from distill.mixture import domain_weights, mix_error, realised_mix, replay, upsampled_weights
+from distill.packed import PackedRows
 
 REPORT_JSON = "report.json"
 PHASE_START = "phase_start.json"  # the data position the phase started from
+AVERAGED = "averaged"  # the checkpoint average, published as final/ when its held-out loss is the lower
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,6 +133,13 @@ def _start_point(cfg: RunConfig, run_dir: Path, init_from: Path | None,
     return init_from, main_steps, lr
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def continue_from_checkpoint(checkpoint: Path, out_dir: Path, num_steps: int, lr: float) -> Path | None:
     """Make `checkpoint` (a trainer checkpoint) step 0 of a new phase in `out_dir`, so the training loop
     resumes its optimizer moments, data position and RNG state. Files are hard-linked where possible.
@@ -139,12 +151,10 @@ def continue_from_checkpoint(checkpoint: Path, out_dir: Path, num_steps: int, lr
     target = checkpoint_dir(out_dir, 0)
     with atomic_dir(target) as tmp:
         for item in Path(checkpoint).iterdir():
-            if item.name == STATE_FILE or not item.is_file():
-                continue
-            try:
-                os.link(item, tmp / item.name)
-            except OSError:
-                shutil.copy2(item, tmp / item.name)
+            if item.is_dir():  # dcp/: the sharded state of an FSDP checkpoint
+                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+            elif item.name != STATE_FILE:
+                _link_or_copy(item, tmp / item.name)
         atomic_write_json(tmp / STATE_FILE, state)
     # Kept outside checkpoints/ (which the loop prunes) for the phase's realised-mix report.
     atomic_write_json(Path(out_dir) / PHASE_START, {"checkpoint": str(checkpoint), "ranks": state["ranks"]})
@@ -188,18 +198,21 @@ def anneal(cfg: RunConfig, run_dir: Path, init_from: Path | None = None) -> Path
 
     if state.is_main_process:
         checkpoints = [checkpoint_dir(out_dir, s) for s in save_at]
-        final = out_dir / "final"
-        if acfg.average and len(checkpoints) > 1:
+        averaged = acfg.average and len(checkpoints) > 1
+        if averaged:
             avg_weights = ema_weights(len(checkpoints), acfg.ema_decay) if acfg.ema_decay > 0 else None
-            # run_training's final/ is the last step's model with the tokenizer; the average replaces it.
-            average_checkpoints(checkpoints, final, weights=avg_weights, tokenizer_from=final)
+            # run_training's final/ has the tokenizer (checkpoints hold weights and config only).
+            average_checkpoints(checkpoints, out_dir / AVERAGED, weights=avg_weights, tokenizer_from=out_dir / "final")
         mix = phase_mix(cfg, data_dir, data_manifest, out_dir, weights, checkpoints[-1])
         print(f"anneal: realised mix {_fmt_weights(mix)} (target {_fmt_weights(weights)}, "
               f"max deviation {mix_error(mix, weights):.3f})")
         models = {"before": start, **{f"step {s}": p for s, p in zip(save_at, checkpoints, strict=True)}}
-        if acfg.average and len(checkpoints) > 1:
-            models["averaged"] = final
+        if averaged:
+            models["averaged"] = out_dir / AVERAGED
         report = evaluate_models(cfg, data_dir, models)
+        report["final_choice"] = choose_final(report) if averaged else {"chosen": "last", "reason": "no average"}
+        if averaged:
+            _install_final(report["final_choice"], checkpoints[-1], out_dir)
         report.update(main_steps=main_steps, num_steps=num_steps, start_lr=start_lr, weights=weights,
                       main_weights=main_weights, realised_mix=mix, objective=cfg.train.objective)
         write_report(report, out_dir)
@@ -211,23 +224,58 @@ def anneal(cfg: RunConfig, run_dir: Path, init_from: Path | None = None) -> Path
         write_manifest(out_dir, "anneal", config=to_dict(acfg), teacher=data_manifest.get("teacher"),
                        inputs=inputs, init_from=str(start), main_steps=main_steps, num_steps=num_steps,
                        start_lr=start_lr, weights=weights, main_weights=main_weights, realised_mix=mix,
-                       checkpoints=[p.name for p in checkpoints], averaged=acfg.average and len(checkpoints) > 1,
-                       final="final")
+                       checkpoints=[p.name for p in checkpoints], averaged=averaged, final="final",
+                       final_choice=report["final_choice"])
     state.wait_for_everyone()
     return out_dir
+
+
+def choose_final(report: dict[str, Any]) -> dict[str, Any]:
+    """Which of the averaged model and the last annealing checkpoint becomes final/: the one with the lower
+    in-distribution held-out loss over all tokens (validation data, never benchmark scores).
+
+    Returns {"chosen": "averaged" | "last", "last": its report name, "loss": {"averaged", "last"} (nats/token
+    over all held-out tokens), "delta": averaged − last}."""
+    models, tokens = report["models"], report["tokens"]
+    last = [name for name in models if name.startswith("step ")][-1]
+    total = sum(tokens[d] for d in report["domains"])
+
+    def loss(name: str) -> float:
+        return sum(models[name][d]["loss"] * tokens[d] for d in report["domains"]) / total
+
+    averaged, final = loss("averaged"), loss(last)
+    return {"chosen": "averaged" if averaged <= final else "last", "last": last,
+            "loss": {"averaged": averaged, "last": final}, "delta": averaged - final}
+
+
+def _install_final(choice: dict[str, Any], last_checkpoint: Path, out_dir: Path) -> None:
+    """Make `out_dir/final` the chosen model: the averaged folder, or the last checkpoint's weights and
+    config with the tokenizer. Rebuilt from its source every time, so a stage resumed after a crash here
+    ends with the same final/ whichever it held before."""
+    from distill.averaging import TOKENIZER_FILES
+
+    averaged = out_dir / AVERAGED
+    with atomic_dir(out_dir / "final") as tmp:
+        if choice["chosen"] == "averaged":
+            for item in averaged.iterdir():
+                shutil.copy2(item, tmp / item.name)
+            return
+        for item in last_checkpoint.iterdir():
+            if item.suffix == ".safetensors" or item.name in _MODEL_FILES:
+                shutil.copy2(item, tmp / item.name)
+        for name in TOKENIZER_FILES:
+            if (averaged / name).is_file():
+                shutil.copy2(averaged / name, tmp / name)
 
 
 def phase_mix(cfg: RunConfig, data_dir: Path, data_manifest: dict[str, Any], out_dir: Path,
               weights: dict[str, float], last_checkpoint: Path) -> dict[str, float]:
     """The realised domain mix of the whole phase (all ranks): the draws between the data position it
     started from (`phase_start.json`; none: a fresh sampler) and its last checkpoint's, replayed from the seed."""
-    from safetensors import safe_open
-
     first = Path(out_dir) / PHASE_START
     start = json.loads(first.read_text())["ranks"][0]["sampler"] if first.is_file() else None
     end = json.loads((last_checkpoint / STATE_FILE).read_text())["ranks"][0]["sampler"]
-    with safe_open(str(Path(data_dir) / "train.safetensors"), framework="np") as f:
-        domains = f.get_tensor("domain").astype("int64")
+    domains = PackedRows(data_dir).domain.astype("int64")
     names = list(data_manifest["domains"])
     return realised_mix(replay(domains, names, weights, cfg.train.seed, start, end), domains, names)
 
@@ -278,6 +326,15 @@ def evaluate_models(cfg: RunConfig, data_dir: Path, models: dict[str, Path]) -> 
             "model_paths": {k: str(v) for k, v in models.items()}}
 
 
+def choice_sentence(choice: dict[str, Any]) -> str:
+    """One Markdown sentence: which model final/ is and by how much its held-out loss is lower."""
+    chosen, other = ("averaged", "last") if choice["chosen"] == "averaged" else ("last", "averaged")
+    names = {"averaged": "the checkpoint average", "last": f"the last checkpoint ({choice['last']})"}
+    return (f"**final/ = {names[chosen]}**: held-out loss {choice['loss'][chosen]:.4f} nats/token vs "
+            f"{choice['loss'][other]:.4f} for {names[other]} ({abs(choice['delta']):.4f} lower), chosen on the "
+            "in-distribution held-out rows, never on benchmark scores.")
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     domains = report["domains"]
     lines = [
@@ -308,11 +365,12 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Averaged − last checkpoint ({last}), held-out loss: "
                   + ", ".join(f"{d} {delta[d]:+.4f}" for d in domains) + f"; all tokens {overall:+.4f} nats/token."]
         if overall > 0:
-            # Seen in benchmarks/annealing.py: after 160 main steps averaging cost 0.01-0.03 nats, after 600 it
-            # gained 0.001-0.006. An average lags a model that is still improving fast.
+            # An average lags a model that is still improving fast (benchmarks/annealing.py: short vs long main runs).
             lines.append("Averaging did worse than the last checkpoint: the model was still improving fast during "
                          "the phase, so the average lags behind it. It pays once the main run has levelled off: "
                          "train longer, or narrow `anneal.average_window`, or set `anneal.average: false`.")
+    if "loss" in report.get("final_choice", {}):
+        lines += ["", choice_sentence(report["final_choice"])]
     return "\n".join(lines) + "\n"
 
 

@@ -157,7 +157,14 @@ def read_manifest(folder: Path, stage: str | None = None) -> dict[str, Any]:
 
 
 def manifest_hash(folder: Path) -> str:
-    return sha256_file(Path(folder) / MANIFEST)[:16]
+    """A hash of what an artifact's manifest says it holds — everything but its creation time, so an
+    artifact rebuilt (or repaired) to the same content keeps the hash its consumers recorded."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path}: unreadable manifest ({err})") from None
+    return sha256_json({k: v for k, v in manifest.items() if k != "created"})[:16]
 
 
 def is_complete(folder: Path, stage: str) -> bool:

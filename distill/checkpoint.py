@@ -3,13 +3,17 @@
 Layout: `out_dir/checkpoints/step-XXXXXX/` (XXXXXX = optimizer steps completed) holding
 - `model.safetensors` + `config.json` (+ `generation_config.json`): `save_pretrained`, so the folder loads with
   `AutoModelForCausalLM.from_pretrained` (the annealing stage averages such folders);
-- `optimizer.pt`: the optimizer's `state_dict()` (AdamW moments, step counts, param-group hyper-parameters);
+- `optimizer.pt`: the optimizer's `state_dict()` (AdamW moments, step counts, param-group hyper-parameters)
+  under DDP or one process; under FSDP instead `dcp/`: the sharded model and optimizer state written by every
+  process with `torch.distributed.checkpoint` (one `__R_0.distcp` file per rank + `.metadata`), which
+  resumes on the same or another number of processes;
 - `trainer_state.json`: `step`, `num_steps`, `lr`, `tokens`, and per process (rank) the data position
   (`sampler`: the mixture sampler's state) and the RNG states (python, numpy, torch, cuda). The LR schedule
   is a pure function of the step, so the step is the scheduler's whole state.
 
-A checkpoint is written into a temp folder and renamed into place (`distill.artifacts.atomic_dir`), so a
-`step-*` folder is either complete or absent — a `kill -9` during a save leaves the previous checkpoint.
+A checkpoint is written into a staging folder (`.step-XXXXXX.partial`, the same path on every process, so
+the FSDP ranks can write their shards into it) and renamed into place by the main process, so a `step-*`
+folder is either complete or absent — a `kill -9` during a save leaves the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.artifacts import ArtifactError, atomic_dir, atomic_write_json
+from distill.artifacts import ArtifactError, atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+SHARDED_DIR = "dcp"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -112,31 +117,67 @@ def _jsonable(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------
 
 
+def staging_dir(out_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` is assembled before `save_checkpoint` renames it into place."""
+    return Path(out_dir) / CHECKPOINTS / f".step-{step:06d}.partial"
+
+
 def save_checkpoint(out_dir: Path, step: int, *, model_state: dict[str, torch.Tensor], model: Any,
-                    optimizer_state: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write `out_dir/checkpoints/step-{step}` atomically and return it.
+                    optimizer_state: dict[str, Any] | None, state: dict[str, Any]) -> Path:
+    """Complete `staging_dir(out_dir, step)` and rename it to `out_dir/checkpoints/step-{step}`; main process.
 
     `model` is the unwrapped HF model (its `save_pretrained` writes config + weights), `model_state` the full
-    state dict to save (from `accelerator.get_state_dict`, so it is gathered under FSDP), `optimizer_state`
-    the optimizer's state dict, `state` the JSON trainer state (`step` is set here).
+    state dict to save (gathered under FSDP), `optimizer_state` the optimizer's state dict (None when the
+    sharded state is already in the staging folder's `dcp/`), `state` the JSON trainer state (`step` is set
+    here).
     """
-    path = checkpoint_dir(out_dir, step)
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        atomic_write_json(tmp / STATE_FILE, _jsonable({**state, "step": step}))
+    staging, path = staging_dir(out_dir, step), checkpoint_dir(out_dir, step)
+    staging.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staging, state_dict=model_state, safe_serialization=True)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, staging / OPTIMIZER_FILE)
+    atomic_write_json(staging / STATE_FILE, _jsonable({**state, "step": step}))
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():  # the same step saved again: move the old one aside first, so one always exists
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`(trainer_state, optimizer_state)` of a checkpoint folder; the weights are loaded by
-    `from_pretrained(path)`. Raises ArtifactError naming the file when something is missing or corrupt."""
+def save_sharded_state(staging: Path, module: Any, optimizer: Any) -> None:
+    """Every process: its shards of the FSDP model and optimizer state into `staging/dcp`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=str(Path(staging) / SHARDED_DIR))
+
+
+def load_sharded_state(path: Path, module: Any, optimizer: Any) -> None:
+    """Every process: restore the FSDP model and optimizer state of checkpoint `path` (any process count)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optim": optimizer_state}
+    dcp.load(state, checkpoint_id=str(Path(path) / SHARDED_DIR))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`(trainer_state, optimizer_state)` of a checkpoint folder; `optimizer_state` is None for a sharded
+    (FSDP) checkpoint, restored with `load_sharded_state`. The weights are loaded by `from_pretrained(path)`.
+    Raises ArtifactError naming the file when something is missing or corrupt."""
     path = Path(path)
     state_path = path / STATE_FILE
     try:
         state = json.loads(state_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{state_path}: unreadable trainer state ({err})") from None
+    if (path / SHARDED_DIR / ".metadata").is_file():
+        return state, None
     opt_path = path / OPTIMIZER_FILE
     if not opt_path.is_file():
         raise ArtifactError(f"{opt_path}: missing optimizer state")

@@ -1,10 +1,13 @@
 """`distill` — the command line, one verb per step of the workflow.
 
-    distill run CONFIG [key=value ...] --output-dir RUN       all stages, skipping complete ones
-    distill data|synth|capture|student|train|anneal CONFIG [key=value ...] --output-dir RUN
+    distill run CONFIG [key=value ...] --output-dir RUN       all stages; recomputes what changed
+        [--dry-run] [--rerun STAGE] [--stop-after STAGE]       (key=value overrides may stand anywhere)
+    distill data|synth|capture|student|train|anneal CONFIG [key=value ...] --output-dir RUN [--rerun STAGE]
+    distill capture CONFIG --output-dir RUN --workers N        capture as N data-parallel Ray tasks
     distill eval CONFIG --output-dir RUN                       gap report of a run
     distill eval MODEL_DIR... --teacher T --output-dir OUT     gap report of any HF folders
     distill publish [RUN_DIR [OUT_DIR]] [--output-dir RUN] [--push-to-hub REPO] [--verify-vllm]
+    distill verify RUN                                         check every artifact, one verdict per stage
     distill average CKPT... --output OUT                       uniform average of checkpoints
     distill sizes [--teacher T]                                named student sizes with parameter counts
 """
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from distill.artifacts import ArtifactError
-from distill.config import ConfigError, load_config
+from distill.config import InputError, load_config
 from distill.pipeline import STAGE_NAMES
 
 STAGE_VERBS = ("data", "synth", "capture", "student", "train", "anneal")
@@ -27,6 +31,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pipeline YAML, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 data.seq_len=512")
     p.add_argument("--output-dir", "-o", required=True, type=Path, help="the run directory")
+    p.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                   help="recompute STAGE (and what depends on it) even if up to date; needed to discard a "
+                        "finished synth, data or capture artifact whose settings changed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,15 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("run", help="run every stage (resumes; skips complete stages)")
     _add_config_args(p)
     p.add_argument("--stop-after", choices=STAGE_NAMES, help="stop after this stage")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and why; change nothing")
     for verb in STAGE_VERBS:
-        _add_config_args(verbs.add_parser(verb, help=f"run the {verb} stage"))
+        p = verbs.add_parser(verb, help=f"run the {verb} stage")
+        _add_config_args(p)
+        if verb == "capture":
+            p.add_argument("--workers", type=int, metavar="N",
+                           help="capture with N data-parallel Ray tasks (one teacher replica each; "
+                                "RAY_ADDRESS joins a cluster, else a local one starts)")
 
     p = verbs.add_parser("eval", help="gap report: a run (CONFIG) or any HF model folders (--teacher)")
     p.add_argument("targets", nargs="+", help="CONFIG [overrides] of a run, or MODEL_DIR... with --teacher")
+    p.set_defaults(overrides=[])
     p.add_argument("--teacher", help="teacher model (embedded alias, folder or hub id) when evaluating folders")
     p.add_argument("--tasks", help="comma-separated task names (default: the config's / all)")
     p.add_argument("--limit", type=int, default=None, help="items per task (0: all; default: the config's, or 20)")
+    p.add_argument("--generation-backend", choices=("transformers", "vllm"), default="transformers",
+                   help="engine for generative tasks when evaluating folders (a run's config says its own)")
     p.add_argument("--output-dir", "-o", required=True, type=Path)
+    p.add_argument("--rerun", action="append", default=[], metavar="STAGE", help="recompute eval even if up to date")
 
     p = verbs.add_parser("publish", help="write the final student as a Hugging Face folder with a model card")
     p.add_argument("run_dir", nargs="?", type=Path)
@@ -52,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "-o", type=Path, help="the run directory (same as RUN_DIR)")
     p.add_argument("--push-to-hub", metavar="REPO")
     p.add_argument("--verify-vllm", action="store_true", help="also reload the folder in vLLM and compare logits")
+
+    p = verbs.add_parser("verify", help="check every artifact of a run; one verdict line per stage")
+    p.add_argument("run_dir", type=Path)
 
     p = verbs.add_parser("average", help="uniform average of checkpoints into one model folder")
     p.add_argument("checkpoints", nargs="+", type=Path)
@@ -62,12 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")  # section.key=value (never a flag or a path)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; `section.key=value` overrides may stand anywhere in it (they are pulled out
+    first and appended, in order, to the config's overrides)."""
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = build_parser().parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    if overrides:
+        if not hasattr(args, "overrides"):
+            build_parser().error(f"distill {args.verb}: takes no key=value overrides, got {overrides[0]!r}")
+        args.overrides = list(args.overrides) + overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(args)
-    except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as err:
+    except (InputError, ArtifactError, FileNotFoundError) as err:
+        # What the user can fix: one line. Anything else is a bug and keeps its traceback.
         print(f"distill {args.verb}: error: {err}", file=sys.stderr)
         return 2
 
@@ -78,13 +114,24 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.verb == "run":
         cfg = load_config(args.config, args.overrides)
-        pipeline.run_all(cfg, args.output_dir, stop_after=args.stop_after)
+        pipeline.run_all(cfg, args.output_dir, stop_after=args.stop_after, rerun=set(args.rerun),
+                         dry_run=args.dry_run)
         return 0
     if args.verb in STAGE_VERBS:
         cfg = load_config(args.config, args.overrides)
-        out = pipeline.run_stage(args.verb, cfg, args.output_dir)
-        print(out)
+        runner = None
+        if args.verb == "capture" and args.workers is not None:
+            from teachers.ray_capture import capture_with_ray
+
+            def runner(cfg, run_dir):
+                return capture_with_ray(cfg, run_dir, args.workers)
+
+        print(pipeline.run_stage(args.verb, cfg, args.output_dir, rerun=set(args.rerun), runner=runner))
         return 0
+    if args.verb == "verify":
+        from distill.verify import verify_run
+
+        return verify_run(args.run_dir)
     if args.verb == "eval":
         return _eval(args)
     if args.verb == "publish":
@@ -92,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_dir = args.run_dir or args.output_dir
         if run_dir is None:
-            raise ValueError("publish: give RUN_DIR or --output-dir")
+            raise InputError("publish: give RUN_DIR or --output-dir")
         print(publish(run_dir, args.out_dir, push_to_hub=args.push_to_hub, verify_vllm=args.verify_vllm))
         return 0
     if args.verb == "average":
@@ -114,19 +161,22 @@ def _eval(args: argparse.Namespace) -> int:
     if first.suffix in (".yaml", ".yml"):
         from distill import pipeline
 
-        overrides = args.targets[1:]
+        overrides = args.targets[1:] + args.overrides
         if tasks:
             overrides.append(f"eval.tasks=[{','.join(tasks)}]")
         if args.limit is not None:
             overrides.append(f"eval.limit={args.limit}")
         cfg = load_config(first, overrides)
-        print(pipeline.run_stage("eval", cfg, args.output_dir))
+        print(pipeline.run_stage("eval", cfg, args.output_dir, rerun=set(args.rerun)))
         return 0
+    if args.overrides:
+        raise InputError(f"eval: overrides {args.overrides} apply to a run's CONFIG, not to model folders")
     if not args.teacher:
-        raise ValueError("eval: evaluating model folders needs --teacher (an embedded alias, folder or hub id)")
+        raise InputError("eval: evaluating model folders needs --teacher (an embedded alias, folder or hub id)")
     from evaluation.suite import eval_cli
 
-    eval_cli(args.targets, args.teacher, tasks, 20 if args.limit is None else args.limit, args.output_dir)
+    eval_cli(args.targets, args.teacher, tasks, 20 if args.limit is None else args.limit, args.output_dir,
+             generation_backend=args.generation_backend)
     return 0
 
 

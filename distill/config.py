@@ -9,6 +9,8 @@ naming it), dotted CLI overrides (`train.lr=3e-4`), and round-tripping to plain 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +20,12 @@ from typing import Any, Literal, Union
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Input the user can fix — a data file, a model folder, a value: the CLI prints it as one line. Any
+    other exception is a bug, and keeps its traceback."""
+
+
+class ConfigError(InputError):
     """A config file or override is invalid; the message names the file and field."""
 
 
@@ -68,6 +75,7 @@ class SourceConfig:
     path: str | None = None
     split: str = "train"
     text_field: str = "text"
+    subset: str | None = None  # hf: the dataset configuration (`name=` of load_dataset), e.g. "sample-10BT"
 
 
 @dataclass
@@ -77,6 +85,15 @@ class DataConfig:
     train_tokens: int = 65_536  # token budget of the training set (packed sequences × seq_len)
     heldout_sequences_per_domain: int = 8
     seed: int = 0
+    num_proc: int = 1  # tokenizer processes (the rows do not depend on it)
+    # Characters of consecutive documents per chunk: the unit of shuffling, parallel work, resumption and
+    # one shard file. Memory holds about (num_proc + 1) chunks.
+    shard_chars: int = 8_000_000
+
+    def validate(self) -> None:
+        for name in ("num_proc", "shard_chars"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name}: must be > 0, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -106,7 +123,7 @@ class StudentConfig:
     # layer indices) overrides both.
     layer_selection: Literal["even", "importance"] = "even"
     layers: list[int] = field(default_factory=list)
-    calibration_sequences: int = 8  # sequences of RUN/data/train.safetensors used for importance scores
+    calibration_sequences: int = 8  # first training rows of RUN/data used for importance scores
     seed: int = 0
 
     def validate(self) -> None:
@@ -118,8 +135,12 @@ class StudentConfig:
 
 @dataclass
 class TrainConfig:
-    objective: Literal["kd", "ce"] = "kd"
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"
+    """The training objective and loop. `objective`: "kd" (teacher top-k on the packed data rows), "ce" (the
+    rows' next tokens), or "on_policy" (GKD: completions to `prompts`, a share `on_policy_fraction` sampled by
+    the student itself, the rest by the teacher, scored by the online teacher; distill/on_policy.py)."""
+
+    objective: Literal["kd", "ce", "on_policy"] = "kd"
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "sampled_reverse_kl"] = "forward_kl"
     beta: float = 0.5  # JSD interpolation / skew KL mixing coefficient
     temperature: float = 1.0
     tail: Literal["renormalize", "bucket"] = "bucket"
@@ -131,6 +152,8 @@ class TrainConfig:
     warmup_steps: int = 10
     decay_fraction: float = 0.2  # wsd: share of steps in the final decay
     weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     batch_size: int = 4  # sequences per micro-batch per process
     grad_accum: int = 1
@@ -141,6 +164,70 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 5
     seed: int = 0
+    # Several processes: "ddp" replicates the student; "fsdp" shards parameters, gradients and optimizer
+    # state (FSDP2) and checkpoints them with torch.distributed.checkpoint.
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # objective "on_policy": prompt sources as in synth.prompts (chat template applied), at most max_prompts
+    # from each; per micro-batch `batch_size` prompts, each completed by the student with probability
+    # on_policy_fraction (λ), else by the teacher; sampled with these settings, max_new_tokens per completion.
+    prompts: list[str] = field(default_factory=lambda: ["seed:math"])
+    max_prompts: int = 256
+    on_policy_fraction: float = 1.0
+    sample_temperature: float = 1.0
+    sample_top_p: float = 1.0
+    max_new_tokens: int = 128
+    teacher_retries: int = 3  # a teacher call that fails (vllm-server down) is retried this often, then the run stops
+    teacher_retry_wait_s: float = 10.0
+
+    def validate(self) -> None:
+        self._validate_on_policy()
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas: must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"train.adam_eps: must be > 0, got {self.adam_eps!r}")
+        if self.parallelism == "fsdp" and self.mixed_precision == "fp16":
+            raise ConfigError("train.mixed_precision: fp16 is not supported with train.parallelism=fsdp "
+                              "(it needs a sharded loss scaler); use bf16")
+
+    def _validate_on_policy(self) -> None:
+        for name in ("max_prompts", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ConfigError(f"train.on_policy_fraction: must be in [0, 1], got {self.on_policy_fraction!r}")
+        if not self.sample_temperature > 0:
+            raise ConfigError(f"train.sample_temperature: must be > 0, got {self.sample_temperature!r}")
+        if not 0.0 < self.sample_top_p <= 1.0:
+            raise ConfigError(f"train.sample_top_p: must be in (0, 1], got {self.sample_top_p!r}")
+        if self.teacher_retries < 0 or self.teacher_retry_wait_s < 0:
+            raise ConfigError(f"train.teacher_retries / teacher_retry_wait_s: must be >= 0, got "
+                              f"{self.teacher_retries!r} / {self.teacher_retry_wait_s!r}")
+        if self.objective != "on_policy":
+            if self.loss == "sampled_reverse_kl":
+                raise ConfigError("train.loss: sampled_reverse_kl estimates reverse KL from the student's own "
+                                  "samples; it needs train.objective=on_policy")
+            return
+        if self.parallelism == "fsdp":
+            raise ConfigError("train.parallelism: fsdp is not supported with objective on_policy (the student "
+                              "generates outside the sharded module's forward, where its parameters are not "
+                              "gathered); use train.parallelism=ddp")
+        if self.max_steps <= 0:
+            raise ConfigError(f"train.max_steps: objective on_policy needs a number of steps > 0 (there is no "
+                              f"pass over the data rows to default to), got {self.max_steps!r}")
+        if not self.prompts:
+            raise ConfigError("train.prompts: objective on_policy needs at least one prompt source "
+                              "(e.g. seed:math, jsonl:PATH)")
+        if self.ce_weight > 0 and self.on_policy_fraction > 0:
+            raise ConfigError(f"train.ce_weight: {self.ce_weight!r} would train the student on the likelihood of "
+                              "its own samples; set train.ce_weight=0 with objective on_policy (ce_weight > 0 "
+                              "is for on_policy_fraction=0: SFT on the teacher's samples)")
+        if self.loss == "sampled_reverse_kl":
+            unbiased = (self.on_policy_fraction == 1.0 and self.sample_temperature == 1.0
+                        and self.sample_top_p == 1.0 and self.temperature == 1.0 and self.tail == "bucket")
+            if not unbiased:
+                raise ConfigError("train.loss: sampled_reverse_kl is unbiased only on the student's own samples "
+                                  "drawn from its distribution: set train.on_policy_fraction=1, "
+                                  "sample_temperature=1, sample_top_p=1, temperature=1, tail=bucket")
 
 
 @dataclass
@@ -212,13 +299,45 @@ class SynthConfig:
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["intrinsic", "gsm8k", "humaneval", "arc_easy"])
-    limit: int = 20  # items per task (0: all)
+    """The gap suite (evaluation/): tasks, items per task, the out-of-distribution held-out set."""
+
+    # intrinsic: in-distribution held-out text; intrinsic_ood: text from sources never trained on (the headline)
+    tasks: list[str] = field(default_factory=lambda: ["intrinsic", "intrinsic_ood", "arc_easy", "piqa",
+                                                      "rg_simple_equations"])
+    limit: int = 300  # items per task (0: all); 300 keeps an accuracy's standard error ≤ 0.03
+    task_limits: dict[str, int] = field(default_factory=dict)  # per-task item counts overriding `limit`
     max_new_tokens: int = 256
     batch_size: int = 8
     every_steps: int = 0  # evaluate saved checkpoints at multiples of N steps (0: every saved checkpoint)
     # Tasks run on each checkpoint for the gap-over-steps chart (cheap ones: the curve needs many points).
-    checkpoint_tasks: list[str] = field(default_factory=lambda: ["intrinsic"])
+    checkpoint_tasks: list[str] = field(default_factory=lambda: ["intrinsic_ood"])
+    ood_documents: int = 32  # intrinsic_ood: documents per domain (each one bootstrap unit)
+    ood_doc_tokens: int = 128  # intrinsic_ood: tokens kept of each document
+    # Engine of the generative tasks (gsm8k, humaneval, mbpp) for the teacher and every student: "vllm"
+    # batches each task into one engine call (with teacher.dtype, tensor_parallel_size, ...); "auto" is
+    # "vllm" when teacher.backend is, else "transformers". Scoring tasks always run in transformers.
+    generation_backend: Literal["auto", "transformers", "vllm"] = "auto"
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"eval.{name}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("limit", "every_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}: must be >= 0, got {getattr(self, name)!r}")
+        for task, n in self.task_limits.items():
+            if n < 0:
+                raise ConfigError(f"eval.task_limits.{task}: must be >= 0 (0: all items), got {n!r}")
+        if self.ood_documents <= 0:
+            raise ConfigError(f"eval.ood_documents: must be > 0, got {self.ood_documents!r}")
+        if self.ood_doc_tokens < 2:
+            raise ConfigError(f"eval.ood_doc_tokens: must be >= 2 (a document needs a target), got {self.ood_doc_tokens!r}")
+
+    def generation_engine(self, teacher: TeacherConfig) -> Literal["transformers", "vllm"]:
+        """`generation_backend` with "auto" resolved against the run's `teacher` section."""
+        if self.generation_backend == "auto":
+            return "vllm" if teacher.backend == "vllm" else "transformers"
+        return self.generation_backend
 
 
 @dataclass
@@ -286,6 +405,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
         return _build(tp, value, where)
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 as a string; numbers written that way are what users type most. Only a
+            # float field converts it, so a string field (a revision like 1234e567) stays a string.
+            value = _float_literal(value, where)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -304,13 +427,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
 
 
+def _float_literal(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {text!r}")
+    return value
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
             prefix = f"{where}." if where else ""
-            raise ConfigError(f"unknown field {prefix}{key!s} (valid: {', '.join(sorted(names))})")
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"unknown field {prefix}{key!s} ({hint}valid: {', '.join(sorted(names))})")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
@@ -368,12 +503,6 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=3e-4")
     key, raw = override.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else ""
-    # YAML 1.1 reads 3e-4 as a string; numbers written that way are what users type most.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:

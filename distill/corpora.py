@@ -41,6 +41,7 @@ from importlib import metadata, util
 from pathlib import Path
 
 from distill.artifacts import atomic_write_json
+from distill.config import InputError
 
 DOMAINS = ("general", "math", "code")
 SPLITS = ("train", "heldout")
@@ -60,9 +61,9 @@ def builtin_corpus(domain: str, split: str, max_chars: int | None = DEFAULT_MAX_
     fixed order; `max_chars` keeps the longest prefix whose total length stays within it (None: all).
     """
     if domain not in DOMAINS:
-        raise ValueError(f"builtin corpus: unknown domain {domain!r} (valid: {', '.join(DOMAINS)})")
+        raise InputError(f"builtin corpus: unknown domain {domain!r} (valid: {', '.join(DOMAINS)})")
     if split not in SPLITS:
-        raise ValueError(f"builtin corpus: unknown split {split!r} (valid: {', '.join(SPLITS)})")
+        raise InputError(f"builtin corpus: unknown split {split!r} (valid: {', '.join(SPLITS)})")
     docs = _load(domain)[split]
     if max_chars is None:
         return list(docs)

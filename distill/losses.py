@@ -19,7 +19,10 @@ Notation (per training position, i.e. per token whose *next* token is a target):
   (Hinton et al., 2015).
 
 The per-position loss is `(1 - ce_weight) · T² · D(p_T ‖ q_T) + ce_weight · CE`, where CE = -log softmax(z)[y]
-on the ground-truth next token y at temperature 1; the "ce" objective is CE alone.
+on the ground-truth next token y at temperature 1; the "ce" objective is CE alone. The "on_policy" objective
+(distill/on_policy.py) uses the same losses on completions the student sampled itself, where y is the sampled
+token; there `sampled_reverse_kl` (`SampledReverseKL`) is also available: a one-sample estimate of reverse KL
+that needs the teacher's log-probability of the sampled outcome only (k = 1 suffices).
 
 `chunked_loss` never materialises a `[positions, V]` fp32 tensor for all positions: it walks over chunks of
 positions, computes that chunk's logits `h @ Wᵀ`, the loss and its gradient w.r.t. the logits, and folds the
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "sampled_reverse_kl"]
 TailMode = Literal["renormalize", "bucket"]
 
 
@@ -128,6 +131,34 @@ class SkewKL(nn.Module):
         return _kl(logp, _log_mix(logp, logq, self.alpha))
 
 
+class SampledReverseKL(nn.Module):
+    """Reverse KL estimated from the student's own sample (the per-token estimator of on-policy distillation,
+    as in the Tinker cookbook): `[N], [N] → [N]`.
+
+    Inputs are log-probabilities of the *sampled* outcome s ~ q on the support: `logp_s` the teacher's (no
+    gradient), `logq_s` the student's. The value is the one-sample estimate d = log q_s − log p_s, whose
+    expectation over s ~ q is KL(q ‖ p); the gradient is that of the score-function surrogate sg(d) · log q_s,
+    d · ∇log q_s, whose expectation is ∇KL(q ‖ p) because E_q[∇log q_s] = 0. The reward −d of each token is
+    its own (no sum over later tokens), as in GKD's per-token divergences. Unbiased only when s was drawn
+    from q itself, at temperature 1 and without top-p truncation.
+    """
+
+    def forward(self, logp_s: torch.Tensor, logq_s: torch.Tensor) -> torch.Tensor:
+        d = (logq_s - logp_s).detach()
+        return d + d * (logq_s - logq_s.detach())
+
+
+def sampled_outcome_logprobs(logp: torch.Tensor, logq: torch.Tensor, ids: torch.Tensor,
+                             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probabilities `[N]` of the support outcome holding the sampled token `labels`
+    `[N]`: its column when it is one of the teacher's `ids` `[N, k]`, else the last (rest) column of the
+    bucket support `logp`, `logq` `[N, k + 1]`. Exact for the token itself when it is in the top-k; the rest
+    bucket when not (so the estimate is of KL on the k + 1 support)."""
+    match = ids == labels[:, None]
+    column = torch.where(match.any(-1), match.float().argmax(-1), torch.full_like(labels, ids.shape[-1]))
+    return logp.gather(-1, column[:, None]).squeeze(-1), logq.gather(-1, column[:, None]).squeeze(-1)
+
+
 def make_divergence(name: LossName, beta: float) -> nn.Module:
     """The divergence module named by `train.loss` (`beta` is JSD's β or skew KL's α)."""
     if name == "forward_kl":
@@ -138,7 +169,10 @@ def make_divergence(name: LossName, beta: float) -> nn.Module:
         return GeneralizedJSD(beta)
     if name == "skew_kl":
         return SkewKL(beta)
-    raise ValueError(f"train.loss: unknown loss {name!r} (valid: forward_kl, reverse_kl, jsd, skew_kl)")
+    if name == "sampled_reverse_kl":
+        return SampledReverseKL()
+    raise ValueError(f"train.loss: unknown loss {name!r} "
+                     "(valid: forward_kl, reverse_kl, jsd, skew_kl, sampled_reverse_kl)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,14 +180,19 @@ def make_divergence(name: LossName, beta: float) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------
 
 
+TEACHER_TAIL_FLOOR = -100.0  # log rest mass of a teacher whose top-k holds everything (the backends' floor)
+
+
 def teacher_support_logprobs(target: TopK, tail: TailMode, temperature: float) -> torch.Tensor:
     """Teacher log-probabilities on the support, tempered: `[N, k]` (renormalize) or `[N, k + 1]` (bucket).
 
-    Renormalising over the support also absorbs the rounding of quantised stored log-probabilities.
+    Renormalising over the support also absorbs the rounding of quantised stored log-probabilities. A rest
+    mass of exactly 0 (k = V) is raised to e^TEACHER_TAIL_FLOOR, as the backends store it, so that reverse KL
+    stays finite against the student's own floored rest mass.
     """
     logp = target.logprobs.float()
     if tail == "bucket":
-        logp = torch.cat([logp, target.tail_logmass.float()[:, None]], dim=-1)
+        logp = torch.cat([logp, target.tail_logmass.float().clamp_min(TEACHER_TAIL_FLOOR)[:, None]], dim=-1)
     return torch.log_softmax(logp / temperature, dim=-1)
 
 
@@ -185,9 +224,10 @@ def student_support_logprobs(picked: torch.Tensor, rest: torch.Tensor | None, ta
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What to compute: `objective` "kd" (needs teacher targets) or "ce"; see the module docstring."""
+    """What to compute: `objective` "kd" or "on_policy" (both need teacher targets) or "ce"; see the module
+    docstring."""
 
-    objective: Literal["kd", "ce"] = "kd"
+    objective: Literal["kd", "ce", "on_policy"] = "kd"
     loss: LossName = "forward_kl"
     beta: float = 0.5
     temperature: float = 1.0
@@ -202,18 +242,25 @@ class LossSpec:
 
 
 def support_losses(ce: torch.Tensor, picked: torch.Tensor | None, rest: torch.Tensor | None,
-                   target: TopK | None, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   target: TopK | None, spec: LossSpec,
+                   labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The losses from the few per-position student quantities they depend on: `ce` `[N]` (−log softmax(z)[y]),
-    `picked` `[N, k]` (log softmax(z) at the teacher ids) and `rest` `[N]` (student rest log-mass, bucket).
+    `picked` `[N, k]` (log softmax(z) at the teacher ids) and `rest` `[N]` (student rest log-mass, bucket);
+    `labels` `[N]` (the next tokens y) only for "sampled_reverse_kl".
     Returns `(loss, kd, ce)`, each `[N]`. Differentiable in `ce`, `picked`, `rest`."""
     if spec.objective == "ce":
         return ce, torch.zeros_like(ce), ce
     if target is None:
-        raise ValueError("objective 'kd' needs teacher targets (an offline logit store or an online teacher)")
+        raise ValueError(f"objective {spec.objective!r} needs teacher targets (an offline logit store or an "
+                         "online teacher)")
     logp = teacher_support_logprobs(target, spec.tail, spec.temperature)
     logq = student_support_logprobs(picked, rest, spec.tail)
     if spec.temperature != 1.0:
         logq = torch.log_softmax(logq / spec.temperature, dim=-1)
+    if spec.loss == "sampled_reverse_kl":
+        if labels is None or spec.tail != "bucket":
+            raise ValueError("train.loss=sampled_reverse_kl: needs the sampled tokens and train.tail=bucket")
+        logp, logq = sampled_outcome_logprobs(logp, logq, target.ids, labels)
     kd = make_divergence(spec.loss, spec.beta)(logp, logq) * spec.temperature**2
     return (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce, kd, ce
 
@@ -230,10 +277,10 @@ def position_losses(logits: torch.Tensor, labels: torch.Tensor, target: TopK | N
     logq_full = torch.log_softmax(logits.float(), dim=-1)
     ce = -logq_full.gather(-1, labels[:, None]).squeeze(-1)
     picked = rest = None
-    if target is not None and spec.objective == "kd":
+    if target is not None and spec.objective != "ce":
         picked = logq_full.gather(-1, target.ids)
         rest = student_rest_logmass(logq_full, target.ids) if spec.tail == "bucket" else None
-    return support_losses(ce, picked, rest, target, spec)
+    return support_losses(ce, picked, rest, target, spec, labels)
 
 
 class LossSums(NamedTuple):
@@ -258,7 +305,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, target: Top
     logq_full = torch.log_softmax(logits, dim=-1)
     del logits
     ce = -logq_full.gather(-1, labels[:, None]).squeeze(-1)
-    kd_target = target is not None and spec.objective == "kd"
+    kd_target = target is not None and spec.objective != "ce"
     picked = logq_full.gather(-1, target.ids) if kd_target else None
     probs = logq_full.exp_()  # from here on the buffer holds s = softmax(z)
     rest = None
@@ -270,7 +317,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, target: Top
             rest = rest_mass.log()
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need_grad) if t is not None else None for t in (ce, picked, rest)]
-        loss, kd, ce_out = support_losses(*leaves, target, spec)
+        loss, kd, ce_out = support_losses(*leaves, target, spec, labels)
         weighted = (loss * position_weight).sum()
         sums = torch.stack([weighted.detach(), (kd.detach() * position_weight).sum(),
                             (ce_out.detach() * position_weight).sum()])

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.config import RunConfig
+from distill.config import InputError, RunConfig
 
 _MASK64 = (1 << 64) - 1
 
@@ -42,7 +42,7 @@ def uniform(seed: int, counter: int) -> float:
 class MixtureSampler(Iterator[int]):
     """Endless iterator of global train-sequence indices for one rank, mixed by domain weight.
 
-    `domains` is `[N]` ints: the domain index of train sequence i (`data/train.safetensors["domain"]`);
+    `domains` is `[N]` ints: the domain index of train sequence i (`distill.packed.PackedRows(RUN/data).domain`);
     `domain_names[j]` names domain j; `weights` maps a name to a non-negative weight (missing: 0). A domain
     with positive weight must have at least one sequence.
     """
@@ -51,21 +51,21 @@ class MixtureSampler(Iterator[int]):
                  rank: int = 0, world_size: int = 1) -> None:
         domains = np.asarray(domains)
         if domains.ndim != 1:
-            raise ValueError(f"mixture: domains must be a 1-D array of domain indices, got shape {domains.shape}")
+            raise InputError(f"mixture: domains must be a 1-D array of domain indices, got shape {domains.shape}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"mixture: rank {rank} is not in [0, world_size={world_size})")
+            raise InputError(f"mixture: rank {rank} is not in [0, world_size={world_size})")
         unknown = set(weights) - set(domain_names)
         if unknown:
-            raise ValueError(f"mixture: weights name unknown domains {sorted(unknown)} (data has {list(domain_names)})")
+            raise InputError(f"mixture: weights name unknown domains {sorted(unknown)} (data has {list(domain_names)})")
         self.domain_names = list(domain_names)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.members = [np.flatnonzero(domains == j) for j in range(len(self.domain_names))]
         w = np.array([float(weights.get(name, 0.0)) for name in self.domain_names])
         if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-            raise ValueError(f"mixture: weights must be finite, >= 0 and not all 0, got {weights}")
+            raise InputError(f"mixture: weights must be finite, >= 0 and not all 0, got {weights}")
         for name, weight, members in zip(self.domain_names, w, self.members, strict=True):
             if weight > 0 and members.size == 0:
-                raise ValueError(f"mixture: domain {name!r} has weight {weight} but no training sequences")
+                raise InputError(f"mixture: domain {name!r} has weight {weight} but no training sequences")
         self.weights = {name: float(x) for name, x in zip(self.domain_names, w / w.sum(), strict=True)}
         self._cdf = np.cumsum(w / w.sum())
         self._cdf[-1] = 1.0  # guard against rounding: u < 1 always lands in a domain
@@ -127,10 +127,10 @@ class MixtureSampler(Iterator[int]):
         """Resume from `state_dict()`. The seed and domain names must match; the world size and weights may
         differ (the position is global)."""
         if int(state["seed"]) != self.seed:
-            raise ValueError(f"mixture state: saved with seed {state['seed']}, this sampler has seed {self.seed}")
+            raise InputError(f"mixture state: saved with seed {state['seed']}, this sampler has seed {self.seed}")
         consumed = state["consumed"]
         if set(consumed) != set(self.domain_names):
-            raise ValueError(f"mixture state: saved for domains {sorted(consumed)}, data has {self.domain_names}")
+            raise InputError(f"mixture state: saved for domains {sorted(consumed)}, data has {self.domain_names}")
         self._draw = int(state["draw"])
         self._consumed = [int(consumed[name]) for name in self.domain_names]
 
@@ -150,11 +150,11 @@ def domain_weights(cfg: RunConfig, data_manifest: dict[str, Any]) -> dict[str, f
     available = list(data_manifest.get("domains") or [])
     missing = [d for d, w in totals.items() if w > 0 and d not in available]
     if missing:
-        raise ValueError(f"data.sources: domains {missing} are not in the data artifact (it has {available}); "
+        raise InputError(f"data.sources: domains {missing} are not in the data artifact (it has {available}); "
                          "rebuild it with `distill data`")
     total = sum(totals.values())
     if total <= 0:
-        raise ValueError("data.sources: the source weights sum to 0")
+        raise InputError("data.sources: the source weights sum to 0")
     return {d: totals.get(d, 0.0) / total for d in available}
 
 
@@ -162,11 +162,11 @@ def upsampled_weights(weights: dict[str, float], factors: dict[str, float]) -> d
     """`weights` × per-domain `factors` (missing: ×1), renormalised; a factor for an unknown domain is an error."""
     unknown = set(factors) - set(weights)
     if unknown:
-        raise ValueError(f"anneal.upsample: unknown domains {sorted(unknown)} (data has {sorted(weights)})")
+        raise InputError(f"anneal.upsample: unknown domains {sorted(unknown)} (data has {sorted(weights)})")
     raw = {d: w * float(factors.get(d, 1.0)) for d, w in weights.items()}
     total = sum(raw.values())
     if total <= 0:
-        raise ValueError(f"anneal.upsample: upsampled weights {raw} sum to 0")
+        raise InputError(f"anneal.upsample: upsampled weights {raw} sum to 0")
     return {d: w / total for d, w in raw.items()}
 
 

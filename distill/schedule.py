@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
+from distill.config import InputError
+
 ScheduleName = Literal["cosine", "wsd", "constant"]
 
 
@@ -23,17 +25,17 @@ def lr_schedule(kind: ScheduleName, *, peak_lr: float, num_steps: int, warmup_st
                 min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> Callable[[int], float]:
     """Return `lr_at(step)` for `num_steps` optimizer steps; errors name the offending `train.*` field."""
     if num_steps <= 0:
-        raise ValueError(f"lr schedule: num_steps must be > 0, got {num_steps!r}")
+        raise InputError(f"lr schedule: num_steps must be > 0, got {num_steps!r}")
     if peak_lr <= 0:
-        raise ValueError(f"train.lr: must be > 0, got {peak_lr!r}")
+        raise InputError(f"train.lr: must be > 0, got {peak_lr!r}")
     if warmup_steps < 0:
-        raise ValueError(f"train.warmup_steps: must be >= 0, got {warmup_steps!r}")
+        raise InputError(f"train.warmup_steps: must be >= 0, got {warmup_steps!r}")
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {min_lr_ratio!r}")
+        raise InputError(f"train.min_lr_ratio: must be in [0, 1], got {min_lr_ratio!r}")
     if not 0.0 <= decay_fraction <= 1.0:
-        raise ValueError(f"train.decay_fraction: must be in [0, 1], got {decay_fraction!r}")
+        raise InputError(f"train.decay_fraction: must be in [0, 1], got {decay_fraction!r}")
     if kind not in ("cosine", "wsd", "constant"):
-        raise ValueError(f"train.schedule: unknown schedule {kind!r} (valid: cosine, wsd, constant)")
+        raise InputError(f"train.schedule: unknown schedule {kind!r} (valid: cosine, wsd, constant)")
     # Never let warmup eat the whole run: at most all steps but one.
     warmup = min(warmup_steps, num_steps - 1)
     min_lr = min_lr_ratio * peak_lr
@@ -42,7 +44,7 @@ def lr_schedule(kind: ScheduleName, *, peak_lr: float, num_steps: int, warmup_st
 
     def lr_at(step: int) -> float:
         if not 0 <= step < num_steps:
-            raise ValueError(f"lr schedule: step {step} outside 0..{num_steps - 1}")
+            raise InputError(f"lr schedule: step {step} outside 0..{num_steps - 1}")
         if step < warmup:
             return peak_lr * (step + 1) / (warmup + 1)
         if kind == "constant":

@@ -55,7 +55,7 @@ def model_hash(folder: Path) -> str:
 
 
 # Bump when the stored result layout changes: older entries then miss instead of failing.
-RESULT_FORMAT = 2
+RESULT_FORMAT = 3  # 3: results carry per-unit sums (standard errors)
 
 
 def _result_path(model_digest: str, key: dict[str, Any]) -> Path:

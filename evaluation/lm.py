@@ -1,9 +1,13 @@
 """A causal LM under evaluation: batched continuation scoring and batched greedy generation.
 
-Works on any Hugging Face causal-LM folder. Both operations pad on the LEFT and pass explicit
-`position_ids` (cumulative sum of the attention mask), so every sequence sees the same positions it would
-see alone; with left padding every continuation ends at the last column, which lets scoring ask the model
-for the logits of the last K positions only (`logits_to_keep`) instead of a full `[B, L, V]` tensor.
+Works on any Hugging Face causal-LM folder. Generation pads on the LEFT and passes explicit `position_ids`
+(cumulative sum of the attention mask), so every sequence sees the same positions it would see alone.
+Scoring packs a context and all its continuations (the choices of a multiple-choice item) into one row:
+each continuation attends to the context and to itself only, with position ids continuing the context's,
+so every continuation is scored exactly as if alone while the shared context is computed once; the
+vocabulary projection runs only at the positions that predict a continuation token.
+`encode_prompts` and `decode_completion` are shared with the vLLM engine (evaluation/vllm_lm.py): both
+generation paths start from the same prompt ids and turn generated ids into text the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+HEAD_CHUNK = 512  # target positions per vocabulary projection while scoring
 
 
 @dataclass
@@ -42,10 +48,7 @@ class EvalModel:
 
             # Same outputs as "sdpa" without copying the KV cache per query head (see evaluation/attention.py).
             self.model.set_attn_implementation(register())
-        has_tokenizer = (self.path / "tokenizer.json").is_file() or (self.path / "tokenizer_config.json").is_file()
-        if not has_tokenizer and tokenizer_path is None:
-            raise FileNotFoundError(f"{self.path}: no tokenizer files and no tokenizer_path given")
-        self.tokenizer = load_tokenizer(self.path if has_tokenizer else Path(tokenizer_path))
+        self.tokenizer = load_tokenizer(tokenizer_folder(self.path, tokenizer_path))
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -72,37 +75,57 @@ class EvalModel:
     def score(self, requests: Sequence[tuple[str, str]], batch_size: int = 8) -> list[ContinuationScore]:
         """Log P(continuation | context) for each `(context, continuation)` pair.
 
-        Context and continuation are tokenized separately and concatenated (the split point is then exact);
-        an over-long context is cut from the left. Requests are processed longest first so a batch holds
-        similar lengths.
+        Context and continuation are tokenized separately and concatenated (the split point is then exact).
+        Requests that share a context are scored in one row, the context once and every continuation after
+        it (`pack_continuations`); a row that would not fit the model is split, its context cut from the
+        left. `batch_size` rows run at a time, longest first.
         """
-        encoded = []
-        for context, continuation in requests:
+        encoded: dict[str, tuple[list[int], list[tuple[int, list[int]]]]] = {}
+        for i, (context, continuation) in enumerate(requests):
             cont = self.encode(continuation, special=False)
             if not cont:
                 raise ValueError(f"empty continuation for context {context[-80:]!r}")
-            ctx = self.encode(context)
-            full = (ctx + cont)[-self.max_length:]
-            encoded.append((full, len(cont)))
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-        results: list[ContinuationScore | None] = [None] * len(encoded)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            rows = [encoded[i][0] for i in idx]
-            ids, mask, pos = self._left_pad(rows)
-            keep = max(encoded[i][1] for i in idx) + 1
-            # logits[:, j] predicts token at column width - keep + j + 1; the last column predicts nothing.
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, keep-1, V]
-            targets = ids[:, -(keep - 1):]
-            token_lp = logprobs.gather(-1, targets[..., None])[..., 0]  # [B, keep-1]
-            greedy = logprobs.argmax(-1) == targets
-            for b, i in enumerate(idx):
-                n = encoded[i][1]
-                results[i] = ContinuationScore(
-                    logprob=float(token_lp[b, -n:].sum()), num_tokens=n, is_greedy=bool(greedy[b, -n:].all())
-                )
+            if context not in encoded:
+                encoded[context] = (self.encode(context), [])
+            encoded[context][1].append((i, cont))
+        rows = [row for ctx, conts in encoded.values() for row in _fit_rows(ctx, conts, self.max_length)]
+        rows.sort(key=lambda r: -len(r.ids))
+        results: list[ContinuationScore | None] = [None] * len(requests)
+        for start in range(0, len(rows), batch_size):
+            self._score_rows(rows[start:start + batch_size], results)
         return [r for r in results if r is not None]
+
+    def _score_rows(self, rows: list[PackedContinuations], results: list[ContinuationScore | None]) -> None:
+        """Score a batch of packed rows (right-padded) into `results` at each continuation's request index."""
+        from evaluation.intrinsic import head_logprobs
+
+        width = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        branch = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+        for b, r in enumerate(rows):
+            ids[b, :len(r.ids)], pos[b, :len(r.ids)] = torch.tensor(r.ids), torch.tensor(r.pos)
+            branch[b, :len(r.ids)] = torch.tensor(r.branch)
+        hidden = self.model.get_decoder()(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
+                                          attention_mask=continuation_mask(branch, self.model.dtype).to(self.device)
+                                          ).last_hidden_state
+        where = [(b, col, tok, req) for b, r in enumerate(rows) for req, cols, toks in r.targets
+                 for col, tok in zip(cols, toks, strict=True)]
+        token_lp: list[float] = []
+        greedy: list[bool] = []
+        for c in range(0, len(where), HEAD_CHUNK):  # at most [HEAD_CHUNK, V] logits at once
+            part = where[c:c + HEAD_CHUNK]
+            lp = head_logprobs(self.model, hidden[[w[0] for w in part], [w[1] for w in part]])
+            tokens = torch.tensor([w[2] for w in part], device=lp.device)
+            token_lp += lp.gather(-1, tokens[:, None])[:, 0].tolist()
+            greedy += (lp.argmax(-1) == tokens).tolist()
+        k = 0
+        for r in rows:
+            for req, cols, _ in r.targets:
+                n = len(cols)
+                results[req] = ContinuationScore(logprob=float(sum(token_lp[k:k + n])), num_tokens=n,
+                                                 is_greedy=all(greedy[k:k + n]))
+                k += n
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -113,9 +136,8 @@ class EvalModel:
         Generation of a sequence ends when it emits EOS or a stop string (HF `stop_strings`); the batch ends
         when all its sequences have. Returns the generated text only (no prompt), stop string excluded.
         """
-        if not 0 < max_new_tokens < self.max_length:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: must be in (0, {self.max_length}) for {self.path}")
-        encoded = [self.encode(p)[-(self.max_length - max_new_tokens):] for p in prompts]
+        encoded = encode_prompts(self.tokenizer, prompts, max_length=self.max_length,
+                                 max_new_tokens=max_new_tokens, where=self.path)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         outputs: list[str] = [""] * len(prompts)
         for start in range(0, len(order), batch_size):
@@ -130,8 +152,85 @@ class EvalModel:
             )
             new = out[:, ids.shape[1]:]
             for b, i in enumerate(idx):
-                outputs[i] = truncate_at_stop(self.tokenizer.decode(new[b], skip_special_tokens=True), stop)
+                outputs[i] = decode_completion(self.tokenizer, new[b].tolist(), stop)
         return outputs
+
+
+@dataclass
+class PackedContinuations:
+    """One context followed by several continuations in one row. `ids`, `pos` (position ids: every
+    continuation starts where the context ends) and `branch` (0: context, k + 1: continuation k) are `[L]`;
+    `targets`: per continuation, (request index, columns whose hidden state predicts its tokens, tokens)."""
+
+    ids: list[int]
+    pos: list[int]
+    branch: list[int]
+    targets: list[tuple[int, list[int], list[int]]]
+
+
+def pack_continuations(context: list[int], continuations: list[tuple[int, list[int]]]) -> PackedContinuations:
+    """`context` then each `(request index, continuation ids)`; token j of a continuation is predicted from
+    the column before it: the context's last column for j = 0, else its own token j − 1."""
+    ids, pos, branch, targets = list(context), list(range(len(context))), [0] * len(context), []
+    for k, (req, cont) in enumerate(continuations):
+        first = len(ids)
+        ids += cont
+        pos += range(len(context), len(context) + len(cont))
+        branch += [k + 1] * len(cont)
+        targets.append((req, [len(context) - 1] + list(range(first, first + len(cont) - 1)), list(cont)))
+    return PackedContinuations(ids, pos, branch, targets)
+
+
+def _fit_rows(context: list[int], continuations: list[tuple[int, list[int]]], max_length: int
+              ) -> list[PackedContinuations]:
+    """One row for the context and all its continuations if it fits in `max_length` columns, else one row
+    per continuation with the context cut from the left (at least one context token is kept)."""
+    if len(context) + sum(len(c) for _, c in continuations) <= max_length:
+        return [pack_continuations(context, continuations)]
+    rows = []
+    for req, cont in continuations:
+        cont = cont[-(max_length - 1):]
+        rows.append(pack_continuations(context[-(max_length - len(cont)):], [(req, cont)]))
+    return rows
+
+
+def continuation_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, L]` branch ids (0: context, k > 0: continuation k, −1: padding) → additive mask `[B, 1, L, L]`:
+    query i sees key j ≤ i when j is context or in i's own continuation; padding sees only itself (a row
+    with nothing to attend to would give NaN)."""
+    length = branch.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    allowed = causal & same & (branch[:, None, :] >= 0)
+    allowed |= torch.eye(length, dtype=torch.bool) & (branch[:, :, None] < 0)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def tokenizer_folder(path: Path, tokenizer_path: Path | None) -> Path:
+    """`path` when it holds tokenizer files, else `tokenizer_path` (a training checkpoint holds only weights
+    and config; students share the teacher's tokenizer)."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        return path
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{path}: no tokenizer files and no tokenizer_path given")
+    return Path(tokenizer_path)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, max_length: int, max_new_tokens: int,
+                   where: Path) -> list[list[int]]:
+    """Prompt token ids (with the tokenizer's special tokens), each cut from the left so that prompt plus
+    `max_new_tokens` fit in `max_length` positions. Every generation engine starts from these ids."""
+    if not 0 < max_new_tokens < max_length:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be in (0, {max_length}) for {where}")
+    return [tokenizer(p, add_special_tokens=True)["input_ids"][-(max_length - max_new_tokens):] for p in prompts]
+
+
+def decode_completion(tokenizer: Any, token_ids: Sequence[int], stop: Sequence[str]) -> str:
+    """Generated ids → text without special tokens (EOS, padding), cut at the first stop string."""
+    return truncate_at_stop(tokenizer.decode(list(token_ids), skip_special_tokens=True), stop)
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:

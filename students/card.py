@@ -42,6 +42,7 @@ class CardInputs:
     anneal_manifest: dict[str, Any] | None = None
     gap_table: str | None = None  # Markdown, from evaluation.report.gap_table_markdown
     gap_note: str | None = None  # why there is no (current) gap table
+    eval_report: dict[str, Any] | None = None  # RUN/eval/report.json, for the speculative-decoding section
     verification: dict[str, Any] = field(default_factory=dict)
     repo: str | None = None  # the hub repository it is pushed to, for the usage snippet
 
@@ -117,7 +118,7 @@ def _recipe_section(inp: CardInputs) -> list[str]:
                          f"averaged: {', '.join(am.get('checkpoints', [])) or 'none'}")
     else:
         lines.append("- annealing: none")
-    lines.append(f"- published weights: `{inp.final_stage}/final`")
+    lines.append(f"- published weights: `{inp.final_stage}/final`" + _final_choice(inp.anneal_manifest))
     lines += ["", "### Data mixture", "", "| source | kind | domain | weight | training tokens |", "|---|---|---|---|---|"]
     stats = {s["name"]: s for s in (inp.data_manifest or {}).get("sources", [])}
     seq_len = (inp.data_manifest or {}).get("seq_len", cfg.data.seq_len)
@@ -130,6 +131,34 @@ def _recipe_section(inp: CardInputs) -> list[str]:
     if mix:
         lines += ["", "Sampling weights by domain: " + ", ".join(f"{d} {w:.2f}" for d, w in mix.items())]
     return lines + [""]
+
+
+def _final_choice(anneal_manifest: dict[str, Any] | None) -> str:
+    """How final/ was chosen between the checkpoint average and the last checkpoint, if it was."""
+    choice = (anneal_manifest or {}).get("final_choice") or {}
+    if "loss" not in choice:
+        return ""
+    chosen, other = ("averaged", "last") if choice["chosen"] == "averaged" else ("last", "averaged")
+    what = {"averaged": "the average of the annealing checkpoints", "last": "the last annealing checkpoint"}
+    return (f" = {what[chosen]}, chosen on in-distribution held-out loss: {choice['loss'][chosen]:.4f} nats/token, "
+            f"{abs(choice['delta']):.4f} lower than {what[other]} ({choice['loss'][other]:.4f})")
+
+
+def _speculative_section(inp: CardInputs) -> list[str]:
+    """Acceptance rate and expected speed-up when the student drafts for the teacher (from the eval report)."""
+    from evaluation.report import speculative_markdown
+
+    report = inp.eval_report or {}
+    names = list(report.get("speculative", {}))
+    preferred = inp.cfg.publish.name or "student"
+    table = speculative_markdown(report, preferred if preferred in names else names[0]) if names else ""
+    if not table:
+        return []
+    return ["## As a draft model for speculative decoding", "",
+            "α is the expected chance that the teacher accepts a token the student drafts, "
+            "E_x[Σ_v min(p_T(v|x), p_S(v|x))] over held-out positions; drafting γ tokens then gives "
+            "(1 − α^(γ+1)) / (1 − α) tokens per teacher forward pass (Leviathan et al., 2023).", "",
+            table.rstrip(), ""]
 
 
 def _verification_section(inp: CardInputs) -> list[str]:
@@ -176,7 +205,7 @@ def render_card(inp: CardInputs) -> str:
         lines += [inp.gap_table.rstrip(), ""]
     if inp.gap_note:
         lines += [f"> {inp.gap_note}", ""]
-    lines += _student_section(inp) + _recipe_section(inp) + _verification_section(inp)
+    lines += _speculative_section(inp) + _student_section(inp) + _recipe_section(inp) + _verification_section(inp)
     where = inp.repo or inp.name
     lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'tok = AutoTokenizer.from_pretrained("{where}")',

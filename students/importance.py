@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from distill.artifacts import check_compatible, read_manifest
+from distill.artifacts import check_compatible, is_complete, read_manifest
+from distill.packed import PackedRows
 from distill.packing import document_causal_mask
 
 # Used when the run has no data stage yet: a few varied sentences (prose, math, code, chat-like).
@@ -61,20 +62,18 @@ class Importance:
 
 
 def load_calibration(run_dir: Path, tokenizer: Any, teacher: dict[str, Any], sequences: int) -> Calibration:
-    """The first `sequences` rows of RUN/data/train.safetensors if the data stage has run (refused if it was
-    made with another tokenizer), else the built-in sentences packed into one row."""
+    """The first `sequences` training rows of RUN/data if the data stage has run (refused if it was made
+    with another tokenizer), else the built-in sentences packed into one row."""
     data_dir = Path(run_dir) / "data"
-    train_file = data_dir / "train.safetensors"
-    if train_file.is_file():
-        from safetensors.torch import load_file
-
+    if is_complete(data_dir, "data"):
         manifest = read_manifest(data_dir, "data")
         check_compatible(manifest, tokenizer_hash=teacher["tokenizer_hash"], vocab_size=teacher["vocab_size"],
                          where=data_dir)
-        tensors = load_file(train_file)
-        ids = tensors["input_ids"][:sequences].long()
-        pos = tensors["position_ids"][:sequences].long()
-        return Calibration(ids, pos, f"{train_file} (first {ids.shape[0]} sequences)")
+        rows = PackedRows(data_dir)
+        arrays = rows.read(0, min(sequences, len(rows)))
+        ids = torch.from_numpy(arrays["input_ids"].astype("int64"))
+        pos = torch.from_numpy(arrays["position_ids"].astype("int64"))
+        return Calibration(ids, pos, f"{data_dir} (first {ids.shape[0]} training rows)")
     ids: list[int] = []
     pos: list[int] = []
     for text in BUILTIN_CALIBRATION:

@@ -2,7 +2,7 @@
 
 From scratch (random LLaMA of the named size) or from the teacher (Minitron / Llama 3.2 1B-3B style): keep a
 subset of the teacher's layers and, for width-pruned sizes, its most important heads and MLP neurons,
-measured on calibration text (RUN/data/train.safetensors when the data stage has run). The folder carries
+measured on calibration text (RUN/data's first training rows when the data stage has run). The folder carries
 the teacher's tokenizer, chat template and generation config, and a manifest recording the teacher, the
 size, what was kept, the importance scores and the parameter count.
 """

@@ -41,16 +41,18 @@ from teachers.resolve import load_tokenizer, resolve_teacher
 STAGE = "publish"
 
 
-def publish(run_dir: Path, out_dir: Path | None = None, *, push_to_hub: str | None = None,
-            verify_vllm: bool = False) -> Path:
+def publish(run_dir: Path, out_dir: Path | None = None, *, cfg: RunConfig | None = None,
+            push_to_hub: str | None = None, verify_vllm: bool = False) -> Path:
     """Publish RUN/{anneal,train}/final into `out_dir` (default RUN/publish) and return it.
+
+    `cfg`: the config the run's outputs were made with (default: RUN/config.yaml, written by `distill run`).
 
     `verify_vllm` (or `publish.verify_vllm` in the run's config) also checks the folder in vLLM;
     `push_to_hub` (or `publish.push_to_hub`) uploads it to that hub repository afterwards.
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / STAGE
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = cfg or load_config(run_dir / "config.yaml")
     verify_vllm = verify_vllm or cfg.publish.verify_vllm
     repo = push_to_hub or cfg.publish.push_to_hub
     final = final_student_dir(run_dir)
@@ -81,6 +83,13 @@ def _up_to_date(out: Path, inputs: dict[str, Path], verify_vllm: bool, repo: str
     return (manifest.get("inputs") == {name: manifest_hash(p) for name, p in inputs.items()}
             and (not verify_vllm or "vllm" in manifest.get("verification", {}))
             and (repo is None or manifest.get("repo") == repo))
+
+
+def _eval_report(run_dir: Path) -> dict[str, Any] | None:
+    """RUN/eval/report.json of a completed eval stage (the card's speculative-decoding section), else None."""
+    if not is_complete(run_dir / "eval", "eval"):
+        return None
+    return json.loads((run_dir / "eval" / "report.json").read_text())
 
 
 def _optional_manifest(folder: Path, stage: str) -> dict[str, Any] | None:
@@ -153,6 +162,7 @@ def _build(cfg: RunConfig, run_dir: Path, final: Path, out: Path, inputs: dict[s
             train_manifest=_optional_manifest(run_dir / "train", "train"),
             anneal_manifest=_optional_manifest(run_dir / "anneal", "anneal"),
             gap_table=gap_table, gap_note=gap_note, verification=verification, repo=repo,
+            eval_report=_eval_report(run_dir),
         )
         atomic_write_text(tmp / "README.md", render_card(card))
         write_manifest(tmp, STAGE, config=to_dict(cfg.publish), teacher=teacher, inputs=inputs, name=plan.name,

@@ -12,6 +12,8 @@ import ast
 import re
 from collections.abc import Iterable
 
+from distill.config import InputError
+
 EVAL_SETS = ("gsm8k", "humaneval", "mbpp", "arc")
 _WORD_RE = re.compile(r"\w+")
 
@@ -56,7 +58,7 @@ def eval_texts(name: str) -> list[str]:
                 query = r["doc"]["query"].removeprefix("Question:").removesuffix("Answer:").strip()
                 texts.append("\n".join([query, *_list_field(r["doc"]["choices"])]))
         return texts
-    raise ValueError(f"synth.decontam_sets: unknown evaluation set {name!r} (valid: {', '.join(EVAL_SETS)})")
+    raise InputError(f"synth.decontam_sets: unknown evaluation set {name!r} (valid: {', '.join(EVAL_SETS)})")
 
 
 class Decontaminator:
@@ -64,7 +66,7 @@ class Decontaminator:
 
     def __init__(self, sets: Iterable[str], n: int = 13):
         if n <= 0:
-            raise ValueError(f"synth.decontam_ngram: must be > 0, got {n}")
+            raise InputError(f"synth.decontam_ngram: must be > 0, got {n}")
         self.n = n
         self.index: dict[tuple[str, ...], str] = {}
         self.items: dict[str, int] = {}

@@ -29,7 +29,7 @@ from distill.artifacts import (
     is_complete,
     write_manifest,
 )
-from distill.config import RunConfig, SynthConfig, to_dict
+from distill.config import InputError, RunConfig, SynthConfig, to_dict
 from synth_data.decontam import Decontaminator
 from synth_data.filters import exact_duplicates, near_duplicates
 from synth_data.generate import GenerationStats, JsonlLog, generate_samples
@@ -105,7 +105,7 @@ def _vocab_size(model_dir: Path) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     if vocab is None:
-        raise ValueError(f"{model_dir}/config.json: no vocab_size")
+        raise InputError(f"{model_dir}/config.json: no vocab_size")
     return int(vocab)
 
 
@@ -131,7 +131,7 @@ def _prompts(scfg: SynthConfig, work: Path, decontam: Decontaminator | None) -> 
         per_source[task.source] += 1
         kept.append(task)
     if not kept:
-        raise ValueError(f"synth.prompts: no usable prompt in {scfg.prompts}")
+        raise InputError(f"synth.prompts: no usable prompt in {scfg.prompts}")
     meta = {"prompts_contaminated": dict(contaminated), "prompts_per_source": dict(per_source)}
     atomic_write_json(work / "prompts_filter.json", meta)
     atomic_write_text(path, "".join(json.dumps(dataclasses.asdict(t)) + "\n" for t in kept))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.config import InputError
 from synth_data.verifiers import extract_answer
 
 SEEDS_DIR = Path(__file__).resolve().parent / "seeds"
@@ -56,27 +57,27 @@ def task_id(source: str, prompt: str) -> str:
 def _from_record(rec: dict[str, Any], source: str, where: str) -> PromptTask:
     """A JSONL/`datasets` record → PromptTask; `where` (file:line) names the record in errors."""
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     prompt = rec.get("prompt", rec.get("question", rec.get("instruction")))
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: needs a non-empty 'prompt' (or 'question'/'instruction') string")
+        raise InputError(f"{where}: needs a non-empty 'prompt' (or 'question'/'instruction') string")
     tests = rec.get("tests", rec.get("test_list"))
     if isinstance(tests, str):
         tests = [tests]
     answer = rec.get("answer")
     domain = rec.get("domain") or ("code" if tests else "math" if answer not in (None, "") else "general")
     if domain not in DOMAINS:
-        raise ValueError(f"{where}: domain {domain!r} is not one of {list(DOMAINS)}")
+        raise InputError(f"{where}: domain {domain!r} is not one of {list(DOMAINS)}")
     reference: dict[str, Any] = {}
     if domain == "code":
         if not tests or not all(isinstance(t, str) for t in tests):
-            raise ValueError(f"{where}: a code task needs 'tests', a list of assert statements")
+            raise InputError(f"{where}: a code task needs 'tests', a list of assert statements")
         reference = {"tests": list(tests), "entry_point": rec.get("entry_point"),
                      "test_setup": rec.get("test_setup") or ""}
         prompt = prompt + CODE_INSTRUCTION
     elif domain == "math":
         if answer in (None, ""):
-            raise ValueError(f"{where}: a math task needs an 'answer'")
+            raise InputError(f"{where}: a math task needs an 'answer'")
         answer = str(answer)
         reference = {"answer": extract_answer(answer) if "####" in answer else answer.strip()}
         prompt = prompt + MATH_INSTRUCTION
@@ -95,7 +96,7 @@ def _read_jsonl(path: Path, source: str, limit: int) -> list[PromptTask]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+                raise InputError(f"{path}:{lineno}: not valid JSON ({err})") from None
             tasks.append(_from_record(rec, source, f"{path}:{lineno}"))
             if len(tasks) >= limit:
                 break
@@ -109,7 +110,7 @@ def _generator_options(query: str, source: str) -> dict[str, Any]:
     for part in filter(None, query.split("&")):
         key, eq, raw = part.partition("=")
         if not eq or not key:
-            raise ValueError(f"synth.prompts: {source}: expected key=value options after '?', got {part!r}")
+            raise InputError(f"synth.prompts: {source}: expected key=value options after '?', got {part!r}")
         values = [json.loads(v) if _is_json(v) else v for v in raw.split(",")]
         options[key] = values if "," in raw else values[0]
     return options
@@ -136,7 +137,7 @@ def _reasoning_gym(name: str, source: str, limit: int, seed: int, oversample: in
         dataset = reasoning_gym.create_dataset(name, size=limit * oversample, seed=seed,
                                                **_generator_options(query, source))
     except (ValueError, TypeError, AssertionError) as err:
-        raise ValueError(f"synth.prompts: {source}: {err}") from None
+        raise InputError(f"synth.prompts: {source}: {err}") from None
     tasks = []
     for i, item in enumerate(dataset):
         rec = {"id": f"{seed}-{i}", "prompt": item["question"], "answer": str(item["answer"]), "domain": "math"}
@@ -180,7 +181,7 @@ def load_prompts(specs: list[str], max_prompts: int, seed: int = 0, *, oversampl
         elif kind == "hf" and arg:
             tasks += _hf(arg, spec, max_prompts)
         else:
-            raise ValueError(f"synth.prompts: unknown source {spec!r} (valid: seed:math, seed:code, seed:general, "
+            raise InputError(f"synth.prompts: unknown source {spec!r} (valid: seed:math, seed:code, seed:general, "
                              "reasoning-gym:NAME, jsonl:PATH, hf:PATH_OR_ID[@SPLIT])")
     unique: dict[str, PromptTask] = {}
     for t in tasks:
@@ -191,7 +192,7 @@ def load_prompts(specs: list[str], max_prompts: int, seed: int = 0, *, oversampl
 def encode_prompt(task: PromptTask, tokenizer: Any) -> list[int]:
     """Token ids of the teacher's chat template for the single user turn, ending with the assistant header."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"synth: the teacher tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat "
+        raise InputError(f"synth: the teacher tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat "
                          "template; synthetic SFT needs a chat (instruct) teacher")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}], tokenize=True,
                                         add_generation_prompt=True, return_dict=False)

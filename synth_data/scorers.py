@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from distill.config import InputError
 from teachers.resolve import pick_device
 
 
@@ -25,7 +26,7 @@ class RewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         if self.model.config.num_labels != 1:
-            raise ValueError(f"synth.reward_model: {model} has num_labels={self.model.config.num_labels}; a reward "
+            raise InputError(f"synth.reward_model: {model} has num_labels={self.model.config.num_labels}; a reward "
                              "model must output one scalar (num_labels=1)")
         self.model = self.model.to(pick_device(device)).eval()
         self.device = next(self.model.parameters()).device

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill.config import InputError
+
 
 def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -24,12 +26,12 @@ def chat_to_training_ids(messages: list[dict], tokenizer: Any) -> tuple[list[int
     malformed, the tokenizer has no chat template, or the template is not prefix-stable turn by turn.
     """
     if not messages:
-        raise ValueError("chat_to_training_ids: empty conversation")
+        raise InputError("chat_to_training_ids: empty conversation")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-            raise ValueError(f"chat_to_training_ids: messages[{i}] must be {{'role': str, 'content': str}}, got {m!r}")
+            raise InputError(f"chat_to_training_ids: messages[{i}] must be {{'role': str, 'content': str}}, got {m!r}")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"chat_to_training_ids: tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template")
+        raise InputError(f"chat_to_training_ids: tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template")
     text = _render(tokenizer, messages, generation_prompt=False)
     spans: list[tuple[int, int]] = []  # [start, end) character spans to train on
     for i, m in enumerate(messages):
@@ -38,7 +40,7 @@ def chat_to_training_ids(messages: list[dict], tokenizer: Any) -> tuple[list[int
         head = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
         upto = _render(tokenizer, messages[: i + 1], generation_prompt=False).rstrip()
         if not text.startswith(upto) or not upto.startswith(head):
-            raise ValueError(
+            raise InputError(
                 f"chat_to_training_ids: the chat template of {getattr(tokenizer, 'name_or_path', '?')} does not "
                 f"render messages[{i}] as a prefix of the conversation; cannot locate the assistant tokens"
             )

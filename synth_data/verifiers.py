@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from distill.config import InputError
 from synth_data.sandbox import run_python
 
 _NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+"
@@ -164,7 +165,7 @@ def run_tests(code: str, tests: list[str], *, setup: str = "", timeout_s: float 
     `passed` needs every test to pass and the program to exit 0 in time; `score` is the fraction passed.
     """
     if not tests:
-        raise ValueError("run_tests: a code task needs at least one test")
+        raise InputError("run_tests: a code task needs at least one test")
     nonce = f"@@results-{secrets.token_hex(8)}@@"
     res = run_python(_test_program(code, tests, setup, nonce), timeout_s=timeout_s, memory_mb=memory_mb)
     results: list[bool] = []

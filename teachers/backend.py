@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from distill.config import TeacherConfig
+from distill.config import InputError, TeacherConfig
 from distill.packing import document_spans
 
 # log(tail mass) when the top-k covers (numerically) all the mass: finite, and e**-100 is 0 in float32.
@@ -72,7 +72,7 @@ def make_backend(cfg: TeacherConfig, model_dir: Path) -> TeacherBackend:
         from teachers.vllm_backend import VLLMServerBackend
 
         return VLLMServerBackend(cfg, model_dir)
-    raise ValueError(f"teacher.backend: unknown backend {cfg.backend!r} (valid: transformers, vllm, vllm-server)")
+    raise InputError(f"teacher.backend: unknown backend {cfg.backend!r} (valid: transformers, vllm, vllm-server)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,5 +157,5 @@ def eos_token_ids(model_dir: Path) -> set[int]:
 
         eos = load_tokenizer(model_dir).eos_token_id
     if eos is None:
-        raise ValueError(f"{model_dir}: the teacher defines no EOS token (generation_config.json or tokenizer)")
+        raise InputError(f"{model_dir}: the teacher defines no EOS token (generation_config.json or tokenizer)")
     return set(eos) if isinstance(eos, list) else {int(eos)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import TeacherConfig
+from distill.config import InputError, TeacherConfig
 from distill.packing import document_attention, document_spans
 from teachers.backend import TAIL_LOGMASS_FLOOR, TopK, cut_at_eos
 from teachers.resolve import load_model, load_tokenizer
@@ -104,7 +104,7 @@ class TransformersBackend:
     def score(self, input_ids: torch.Tensor, position_ids: torch.Tensor, k: int) -> list[TopK]:
         """`input_ids`, `position_ids` int [B, L] → one TopK per row (see TeacherBackend.score)."""
         if not 0 < k <= self.vocab_size:
-            raise ValueError(f"capture.top_k: must be in [1, vocab_size={self.vocab_size}], got {k}")
+            raise InputError(f"capture.top_k: must be in [1, vocab_size={self.vocab_size}], got {k}")
         input_ids = input_ids.to(self.device, torch.long)
         position_ids = position_ids.to(self.device, torch.long)
         batch, length = input_ids.shape

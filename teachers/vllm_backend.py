@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from distill.config import TeacherConfig
+from distill.config import InputError, TeacherConfig
 from teachers.backend import (
     TopK,
     assemble_rows,
@@ -38,7 +38,7 @@ _SERVER_CONCURRENCY = 8  # requests in flight, so the server can batch them
 
 def _check_k(k: int, cfg: TeacherConfig) -> None:
     if k > cfg.max_logprobs:
-        raise ValueError(f"capture.top_k={k} exceeds teacher.max_logprobs={cfg.max_logprobs}; raise "
+        raise InputError(f"capture.top_k={k} exceeds teacher.max_logprobs={cfg.max_logprobs}; raise "
                          f"teacher.max_logprobs (the vLLM engine's --max-logprobs)")
 
 
@@ -111,7 +111,7 @@ class VLLMServerBackend:
 
     def __init__(self, cfg: TeacherConfig, model_dir: Path):
         if not cfg.server_url:
-            raise ValueError("teacher.server_url: required for teacher.backend=vllm-server "
+            raise InputError("teacher.server_url: required for teacher.backend=vllm-server "
                              "(e.g. http://127.0.0.1:8000)")
         self.cfg = cfg
         self.url = cfg.server_url.rstrip("/")

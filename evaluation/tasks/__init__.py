@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from evaluation.tasks.base import EvalContext, LanguageModel, Task, TaskResult
+from evaluation.tasks.base import EvalContext, LanguageModel, Task, TaskResult, TaskSkipped, accuracy
 
 _REGISTRY: dict[str, type[Task]] = {}
 
@@ -39,4 +39,5 @@ def get_task(name: str) -> Task:
     return _REGISTRY[name]()
 
 
-__all__ = ["EvalContext", "LanguageModel", "Task", "TaskResult", "available_tasks", "get_task", "register"]
+__all__ = ["EvalContext", "LanguageModel", "Task", "TaskResult", "TaskSkipped", "accuracy", "available_tasks",
+           "get_task", "register"]

@@ -31,11 +31,12 @@ def generate_and_execute(model, ctx, items: list[dict], *, prompt_key: str, stop
                          program: Callable[[dict, str], str], metric: str):
     """The code-task loop: greedy completions of each item's prompt, each candidate program run in the
     sandbox, pass@1 under `metric`, and per-item details."""
-    from evaluation.tasks import TaskResult
+    from evaluation.tasks import TaskResult, accuracy
 
     outputs = model.generate([it[prompt_key] for it in items], max_new_tokens=ctx.max_new_tokens, stop=stop,
                              batch_size=ctx.batch_size)
     passed = run_programs([program(it, out) for it, out in zip(items, outputs, strict=True)])
     details = [{"task_id": it["task_id"], "completion": out, "passed": ok}
                for it, out, ok in zip(items, outputs, passed, strict=True)]
-    return TaskResult(metrics={metric: pass_at_1(passed)}, samples=len(items), details=details)
+    units = accuracy(metric, passed)[1]  # one sample per problem: pass@1 is a share of problems (binomial)
+    return TaskResult(metrics={metric: pass_at_1(passed)}, samples=len(items), details=details, units=units)

@@ -11,7 +11,7 @@ training data, so training and evaluation agree on what "correct" means.
 from __future__ import annotations
 
 from evaluation.benchmarks import olmo_requests, sample
-from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, register
+from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, accuracy, register
 
 STOP = ("Question:", "</s>", "<|im_end|>", "\n\n")
 NUM_SHOTS = 5
@@ -56,5 +56,5 @@ class GSM8K(Task):
                                  batch_size=ctx.batch_size)
         details = [{"id": it["id"], "answer": it["answer"], "output": out, "correct": is_correct(out, it["answer"])}
                    for it, out in zip(items, outputs, strict=True)]
-        acc = sum(d["correct"] for d in details) / len(details)
-        return TaskResult(metrics={"gsm8k_acc": acc}, samples=len(details), details=details)
+        metrics, units = accuracy("gsm8k_acc", [d["correct"] for d in details])
+        return TaskResult(metrics=metrics, samples=len(details), details=details, units=units)

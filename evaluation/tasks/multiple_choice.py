@@ -1,4 +1,4 @@
-"""Multiple choice by log-likelihood (ARC-Easy, ARC-Challenge, HellaSwag; MMLU in mmlu.py).
+"""Multiple choice by log-likelihood (ARC-Easy, ARC-Challenge, HellaSwag, PIQA, SciQ; MMLU in mmlu.py).
 
 Each choice is scored as a continuation of the question; the prediction is the choice with the highest
 total log-probability (`<name>_acc`) and, as OLMES/lm-eval's `acc_norm`, the highest log-probability per
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evaluation.benchmarks import olmo_requests, sample
-from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, register
+from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, accuracy, register
 
 
 @dataclass
@@ -48,10 +48,10 @@ class MultipleChoiceTask(Task):
     def run(self, model: LanguageModel, ctx: EvalContext) -> TaskResult:
         items = self.items(ctx.limit)
         records = score_choices(model, items, ctx.batch_size)
-        n = len(records)
-        metrics = {f"{self.name}_acc": sum(r["pred"] == r["gold"] for r in records) / n,
-                   f"{self.name}_acc_norm": sum(r["pred_norm"] == r["gold"] for r in records) / n}
-        return TaskResult(metrics=metrics, samples=n, details=records)
+        metrics, units = accuracy(f"{self.name}_acc", [r["pred"] == r["gold"] for r in records])
+        norm_metrics, norm_units = accuracy(f"{self.name}_acc_norm", [r["pred_norm"] == r["gold"] for r in records])
+        return TaskResult(metrics={**metrics, **norm_metrics}, samples=len(records), details=records,
+                          units={**units, **norm_units})
 
 
 class OlmoChoiceTask(MultipleChoiceTask):
@@ -91,3 +91,11 @@ class HellaSwag(OlmoChoiceTask):
 
     name = "hellaswag"
     olmo_task, olmo_variant = "hellaswag", "rc_0shot"
+
+
+@register
+class PIQA(OlmoChoiceTask):
+    """PIQA validation split (1838 goals, 2 solutions each), 0-shot "Goal: …\nAnswer:"."""
+
+    name = "piqa"
+    olmo_task, olmo_variant = "piqa", "rc_0shot"

@@ -6,17 +6,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
 
-from distill.anneal import anneal, anneal_steps, checkpoint_steps, linear_to_zero, report_markdown
+from distill.anneal import (
+    _install_final,
+    anneal,
+    anneal_steps,
+    checkpoint_steps,
+    choose_final,
+    linear_to_zero,
+    report_markdown,
+)
 from distill.artifacts import read_manifest, write_manifest
 from distill.checkpoint import checkpoint_dir
 from distill.config import from_dict
 from distill.corpora import builtin_corpus
 from distill.data import Document, pack
+from distill.packed import write_packed_shard
 from distill.trainer import read_metrics, train
 
 SEQ_LEN = 32
@@ -45,14 +56,15 @@ def _write_data(run_dir: Path, tokenizer, identity: dict) -> None:
             docs = (Document(ids := tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
                              [1] * len(ids)) for t in builtin_corpus(domain, split, max_chars=20_000))
             part = pack(docs, SEQ_LEN, rows)
-            part["domain"] = torch.full((rows,), j, dtype=torch.int16)
+            part["domain"] = np.full((rows,), j, dtype=np.int16)
             parts[split].append(part)
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True)
-    for split, ps in parts.items():
-        save_file({k: torch.cat([p[k] for p in ps]) for k in ps[0]}, str(data_dir / f"{split}.safetensors"))
+    split = {split: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]} for split, ps in parts.items()}
+    shard = write_packed_shard(data_dir / "train" / "000-000000.safetensors", split["train"])
+    save_file(split["heldout"], str(data_dir / "heldout.safetensors"))
     write_manifest(data_dir, "data", config={}, teacher=identity, domains=DOMAINS, num_train=24, num_heldout=6,
-                   seq_len=SEQ_LEN)
+                   seq_len=SEQ_LEN, train_shards=[shard])
 
 
 def _make_run(run_dir: Path, teacher_dir: Path, objective: str, **anneal_overrides):
@@ -94,6 +106,24 @@ def test_report_says_whether_averaging_helped():
     assert "math +0.0400; all tokens +0.0300" in hurt and "did worse than the last checkpoint" in hurt
 
 
+def test_final_is_the_model_with_the_lower_heldout_loss():
+    def report(averaged_math: float) -> dict:
+        per = {"last": {"math": 2.0, "code": 3.0}, "avg": {"math": averaged_math, "code": 3.0}}
+        return {"domains": ["code", "math"], "tokens": {"code": 100, "math": 300},
+                "models": {name: {d: {"loss": loss, "kl": 1.0} for d, loss in per[key].items()}
+                           for name, key in (("before", "avg"), ("step 2", "avg"), ("step 4", "last"),
+                                             ("averaged", "avg"))}}
+
+    better, worse = choose_final(report(1.96)), choose_final(report(2.04))
+    assert better["chosen"] == "averaged" and better["delta"] == pytest.approx(-0.03)
+    assert better["loss"] == pytest.approx({"averaged": 2.22, "last": 2.25})
+    assert worse == {"chosen": "last", "last": "step 4", "loss": pytest.approx({"averaged": 2.28, "last": 2.25}),
+                     "delta": pytest.approx(0.03)}
+    text = report_markdown({**report(2.04), "final_choice": worse})
+    assert ("**final/ = the last checkpoint (step 4)**: held-out loss 2.2500 nats/token vs 2.2800 for the "
+            "checkpoint average (0.0300 lower)") in text
+
+
 @pytest.mark.parametrize("objective", ["kd", "ce"])
 def test_anneal_stage_end_to_end(tmp_path, tiny_teacher_dir, objective):
     cfg = _make_run(tmp_path, tiny_teacher_dir, objective)
@@ -121,23 +151,35 @@ def test_anneal_stage_end_to_end(tmp_path, tiny_teacher_dir, objective):
     mix = manifest["realised_mix"]
     assert sum(mix.values()) == pytest.approx(1.0) and all(round(v * 6, 6) == round(v * 6) for v in mix.values())
 
-    # final/ is the exact average of the three annealing checkpoints and a loadable HF folder.
+    # averaged/ is the exact average of the three annealing checkpoints; final/ is whichever of it and the
+    # last checkpoint has the lower held-out loss, and a loadable HF folder.
     states = [load_file(str(checkpoint_dir(out, s) / "model.safetensors")) for s in (1, 2, 3)]
+    averaged = load_file(str(out / "averaged" / "model.safetensors"))
+    for key in averaged:
+        torch.testing.assert_close(averaged[key], (sum(s[key].double() for s in states) / 3).float(), rtol=0, atol=1e-7)
+    report = json.loads((out / "report.json").read_text())
+    choice = manifest["final_choice"]
+    assert choice == report["final_choice"] == choose_final(report)
+    expected = averaged if choice["chosen"] == "averaged" else states[-1]
     final = load_file(str(out / "final" / "model.safetensors"))
-    for key in final:
-        torch.testing.assert_close(final[key], (sum(s[key].double() for s in states) / 3).float(), rtol=0, atol=1e-7)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(out / "final")
     AutoTokenizer.from_pretrained(out / "final")
+    for other in ("averaged", "last"):  # rebuilt from its source whichever it held before
+        _install_final({"chosen": other}, checkpoint_dir(out, 3), out)
+        final = load_file(str(out / "final" / "model.safetensors"))
+        assert all(torch.equal(final[k], (averaged if other == "averaged" else states[-1])[k]) for k in final)
+        AutoTokenizer.from_pretrained(out / "final")
 
-    report = json.loads((out / "report.json").read_text())
     assert list(report["models"]) == ["before", "step 1", "step 2", "step 3", "averaged"]
     for per in report["models"].values():
         assert set(per) == set(DOMAINS)
         assert all(v["loss"] > 0 and v["kl"] >= 0 for v in per.values())
     text = (out / "report.md").read_text()
     assert "| averaged |" in text and "Averaged − last checkpoint (step 3)" in text
+    assert f"**final/ = {'the checkpoint average' if choice['chosen'] == 'averaged' else 'the last checkpoint'}" in text
     assert (out / "report.png").stat().st_size > 5000
     assert anneal(cfg, tmp_path) == out  # complete: returns at once
 
@@ -152,5 +194,5 @@ def test_anneal_on_its_own_from_an_hf_folder(tmp_path, tiny_teacher_dir):
     assert manifest["num_steps"] == 2 and manifest["start_lr"] == 1e-3
     assert "train" not in manifest["inputs"]
     assert not checkpoint_dir(out, 0).exists()  # nothing to continue from
-    record = json.loads((out / "final" / "averaged_from.json").read_text())
+    record = json.loads((out / "averaged" / "averaged_from.json").read_text())
     assert record["weights"] == pytest.approx([1 / 3, 2 / 3])

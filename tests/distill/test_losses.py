@@ -189,3 +189,119 @@ def test_naive_baseline_is_dense_forward_kl():
     dense = torch.zeros(5, 25).scatter(-1, target.ids, full_teacher.exp())
     expected = (dense * (dense.clamp_min(1e-30).log() - torch.log_softmax(logits, -1))).sum()
     torch.testing.assert_close(naive_full_vocab_loss(logits, target), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# On-policy losses against a full-vocabulary float64 reference
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bucket_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int):
+    """Float64 teacher and student distributions on the k + 1 support (the teacher's top-k ids, then one
+    outcome for the rest of the vocabulary), computed from the full logits `[N, V]`."""
+    logp_full = torch.log_softmax(teacher_logits.double(), -1)
+    logq_full = torch.log_softmax(student_logits.double(), -1)
+    ids = logp_full.topk(k, dim=-1).indices
+    outside = torch.ones_like(logp_full, dtype=torch.bool).scatter(-1, ids, False)
+
+    def support(logprobs):
+        rest = torch.logsumexp(logprobs.masked_fill(~outside, float("-inf")), -1, keepdim=True)
+        return torch.cat([logprobs.gather(-1, ids), rest.clamp_min(-60.0)], -1)  # empty rest: ~0, not 0
+
+    return support(logp_full), support(logq_full), ids
+
+
+def _reference_divergence(name: str, logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    def kl(log_a, log_b):  # outcomes of zero probability contribute 0
+        a = log_a.exp()
+        return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+    if name == "reverse_kl":
+        return kl(logq, logp)
+    logm = (beta * logp.exp() + (1 - beta) * logq.exp()).log()
+    return beta * kl(logp, logm) + (1 - beta) * kl(logq, logm)
+
+
+@pytest.mark.parametrize("k", [5, 40])  # 40 = V: the support is the whole vocabulary
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd"])
+def test_on_policy_divergences_match_full_vocab_float64(name, k):
+    gen = torch.Generator().manual_seed(4)
+    n, v = 9, 40
+    student = (torch.randn(n, v, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    teacher = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    spec = LossSpec(objective="on_policy", loss=name, beta=0.3, tail="bucket", ce_weight=0.0)
+    _, kd, _ = position_losses(student, labels, topk_from_logits(teacher, k), spec)
+    logp, logq, _ = _bucket_reference(student, teacher, k)
+    ref = _reference_divergence(name, logp, logq, 0.3)
+    if k == v:  # on the whole vocabulary the k + 1 support is exact
+        full = _reference_divergence(name, torch.log_softmax(teacher, -1), torch.log_softmax(student, -1), 0.3)
+        torch.testing.assert_close(ref, full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(kd.double(), ref, atol=2e-6, rtol=0)
+    grad, = torch.autograd.grad(kd.sum(), student)
+    ref_grad, = torch.autograd.grad(ref.sum(), student)
+    torch.testing.assert_close(grad, ref_grad, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 6, 30])  # 30 = V
+def test_sampled_reverse_kl_is_unbiased_in_value_and_gradient(k):
+    """E_{y~q}[estimate at y] (summed exactly over every token y, weighted by q(y) in float64) equals reverse KL
+    on the k + 1 support — the full-vocabulary reverse KL when k = V — and so does its gradient."""
+    gen = torch.Generator().manual_seed(5)
+    n, v = 4, 30
+    student = (torch.randn(n, v, generator=gen, dtype=torch.float64) * 1.5).requires_grad_()
+    teacher = torch.randn(n, v, generator=gen, dtype=torch.float64) * 1.5
+    target = topk_from_logits(teacher, k)
+    spec = LossSpec(objective="on_policy", loss="sampled_reverse_kl", tail="bucket", ce_weight=0.0)
+    every_y = torch.arange(v).repeat(n)  # position i with each token y: row i * v + y
+    expanded = TopK(*(t.repeat_interleave(v, dim=0) for t in target))
+    _, kd, _ = position_losses(student.repeat_interleave(v, dim=0), every_y, expanded, spec)
+    q = torch.softmax(student, -1).detach().reshape(-1)
+    expected = (q * kd.double()).reshape(n, v).sum(-1)
+    logp, logq, _ = _bucket_reference(student, teacher, k)
+    ref = _reference_divergence("reverse_kl", logp, logq, 0.0)
+    if k == v:
+        full = _reference_divergence("reverse_kl", torch.log_softmax(teacher, -1), torch.log_softmax(student, -1),
+                                     0.0)
+        torch.testing.assert_close(ref, full, atol=1e-12, rtol=0)
+    torch.testing.assert_close(expected, ref, atol=2e-6, rtol=0)
+    grad, = torch.autograd.grad(expected.sum(), student)
+    ref_grad, = torch.autograd.grad(ref.sum(), student)
+    torch.testing.assert_close(grad, ref_grad, atol=2e-6, rtol=0)
+
+
+def test_sampled_reverse_kl_uses_the_sampled_tokens_teacher_logprob():
+    teacher = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0, -1.0]]), -1)
+    student = torch.log_softmax(torch.tensor([[0.0, 2.0, 0.5, 0.0]]), -1)
+    spec = LossSpec(objective="on_policy", loss="sampled_reverse_kl", tail="bucket", ce_weight=0.0)
+    target = topk_from_logits(teacher, 2)  # ids 0, 1
+    _, kd_in, _ = position_losses(student, torch.tensor([1]), target, spec)
+    torch.testing.assert_close(kd_in, student[:, 1] - teacher[:, 1])
+    _, kd_out, _ = position_losses(student, torch.tensor([3]), target, spec)  # outside: the rest bucket
+    rest = lambda lp: torch.logsumexp(lp[:, 2:], -1)  # noqa: E731
+    torch.testing.assert_close(kd_out, rest(student) - rest(teacher), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="tail=bucket"):
+        position_losses(student, torch.tensor([1]), target, LossSpec(objective="on_policy",
+                                                                     loss="sampled_reverse_kl",
+                                                                     tail="renormalize"))
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "sampled_reverse_kl"])
+def test_on_policy_chunked_gradients_equal_unchunked(name):
+    gen = torch.Generator().manual_seed(6)
+    n, h, v, k = 37, 16, 300, 8
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).requires_grad_()
+    teacher = torch.randn(n, v, generator=gen) * 3
+    target = topk_from_logits(teacher, k)
+    # Half the labels are teacher top-k tokens, so both branches of the sampled estimator are exercised.
+    labels = torch.where(torch.arange(n) % 2 == 0, target.ids[:, 0], torch.randint(0, v, (n,), generator=gen))
+    position_weight = torch.full((n,), 1.0 / n)
+    spec = LossSpec(objective="on_policy", loss=name, beta=0.4, tail="bucket", ce_weight=0.0)
+    ref = (position_losses(hidden @ weight.T, labels, target, spec)[0] * position_weight).sum()
+    ref_gh, ref_gw = torch.autograd.grad(ref, (hidden, weight))
+    sums = chunked_loss(hidden, weight, labels, position_weight, target, spec, chunk_size=10)
+    gh, gw = torch.autograd.grad(sums.loss, (hidden, weight))
+    torch.testing.assert_close(sums.loss, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gh, ref_gh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)

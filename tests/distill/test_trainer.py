@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 from conftest import make_tiny_llama
-from safetensors.torch import save_file
 
 from distill.artifacts import ArtifactError, read_manifest, sha256_file, write_manifest
 from distill.checkpoint import list_checkpoints
 from distill.config import from_dict
+from distill.packed import write_packed_shard
 from distill.schedule import lr_schedule
 from distill.trainer import NonFiniteLossError, read_metrics, run_training, train, training_positions
 
@@ -62,9 +62,9 @@ def make_run(run_dir: Path, teacher_dir: Path, **train_overrides):
     data_dir.mkdir(parents=True)
     train_rows = _pack_rows(ROWS, SEQ_LEN, tok.eos_token_id, seed=0)
     train_rows["domain"] = (torch.arange(ROWS) % 2).to(torch.int16)
-    save_file(train_rows, str(data_dir / "train.safetensors"))
+    shard = write_packed_shard(data_dir / "train" / "000-000000.safetensors", train_rows)
     write_manifest(data_dir, "data", config={}, teacher=identity, domains=["general", "math"],
-                   num_train=ROWS, num_heldout=0, seq_len=SEQ_LEN)
+                   num_train=ROWS, num_heldout=0, seq_len=SEQ_LEN, train_shards=[shard])
     init_dir = make_tiny_llama(run_dir / "student_init", teacher_dir, layers=1, seed=1)
     write_manifest(init_dir, "student", config={}, teacher=identity)
     train_cfg = {"teacher_source": "online", "batch_size": 2, "max_steps": 6, "save_every": 2, "keep_last": 2,

@@ -26,3 +26,26 @@ def write_heldout(folder: Path, *, rows: int = 2, length: int = 24, seed: int = 
     (folder / "manifest.json").write_text(json.dumps({"stage": "data", "complete": True,
                                                       "domains": ["general", "math"]}))
     return folder / "heldout.safetensors"
+
+
+def per_document_reference(student, teacher, heldout):
+    """Per-domain NLL sums, KL sum, agreement count, token count and acceptance sums, computed the slow
+    obvious way: every document run on its own through the full model, full-vocabulary float64 softmaxes."""
+    nll, count, kl, agree, accept = {}, {}, 0.0, 0, {}
+    for r in range(heldout.input_ids.shape[0]):
+        ids, pos, mask = heldout.input_ids[r], heldout.position_ids[r], heldout.loss_mask[r]
+        starts = (pos == 0).nonzero()[:, 0].tolist() + [ids.numel()]
+        dom = heldout.domains[int(heldout.domain[r])]
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            doc = ids[a:b][None]
+            lp_s = torch.log_softmax(student(doc).logits[0].double(), -1)
+            lp_t = torch.log_softmax(teacher(doc).logits[0].double(), -1)
+            for j in range(1, b - a):
+                if not mask[a + j]:
+                    continue
+                nll[dom] = nll.get(dom, 0.0) - float(lp_s[j - 1, doc[0, j]])
+                count[dom] = count.get(dom, 0) + 1
+                kl += float((lp_t[j - 1].exp() * (lp_t[j - 1] - lp_s[j - 1])).sum())
+                agree += int(lp_t[j - 1].argmax() == lp_s[j - 1].argmax())
+                accept[dom] = accept.get(dom, 0.0) + float(torch.minimum(lp_t[j - 1].exp(), lp_s[j - 1].exp()).sum())
+    return nll, count, kl, agree, accept

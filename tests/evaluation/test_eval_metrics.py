@@ -9,11 +9,19 @@ import shutil
 import pytest
 import torch
 from conftest import make_tiny_llama
-from eval_helpers import write_heldout
+from eval_helpers import per_document_reference, write_heldout
 
-from evaluation.intrinsic import intrinsic_metrics, load_heldout
+from evaluation.intrinsic import (
+    intrinsic_metrics,
+    intrinsic_sums,
+    load_heldout,
+    metrics_from_sums,
+    unit_index,
+    units_from_sums,
+)
 from evaluation.lm import ContinuationScore, EvalModel
 from evaluation.report import gap_row, gap_table_markdown
+from evaluation.stats import Units
 from evaluation.tasks import EvalContext, get_task
 from evaluation.tasks.gsm8k import gsm8k_items
 from evaluation.tasks.humaneval import humaneval_items
@@ -35,44 +43,40 @@ def isolated_cache(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _per_document_reference(student, teacher, heldout):
-    """Per-domain NLL sums, KL sum, agreement count and token count, computed the slow obvious way: every
-    document run on its own through the full model, full-vocabulary logits."""
-    nll, count, kl, agree = {}, {}, 0.0, 0
-    for r in range(heldout.input_ids.shape[0]):
-        ids, pos, mask = heldout.input_ids[r], heldout.position_ids[r], heldout.loss_mask[r]
-        starts = (pos == 0).nonzero()[:, 0].tolist() + [ids.numel()]
-        dom = heldout.domains[int(heldout.domain[r])]
-        for a, b in zip(starts[:-1], starts[1:], strict=True):
-            doc = ids[a:b][None]
-            lp_s = torch.log_softmax(student(doc).logits[0].double(), -1)
-            lp_t = torch.log_softmax(teacher(doc).logits[0].double(), -1)
-            for j in range(1, b - a):
-                if not mask[a + j]:
-                    continue
-                nll[dom] = nll.get(dom, 0.0) - float(lp_s[j - 1, doc[0, j]])
-                count[dom] = count.get(dom, 0) + 1
-                kl += float((lp_t[j - 1].exp() * (lp_t[j - 1] - lp_s[j - 1])).sum())
-                agree += int(lp_t[j - 1].argmax() == lp_s[j - 1].argmax())
-    return nll, count, kl, agree
-
-
 @torch.inference_mode()
-def test_intrinsic_matches_per_document_reference(tiny_teacher_dir, smollm2_dir, heldout_file, tmp_path):
+def test_intrinsic_matchesper_document_reference(tiny_teacher_dir, smollm2_dir, heldout_file, tmp_path):
     teacher = EvalModel(tiny_teacher_dir).model
     student = EvalModel(make_tiny_llama(tmp_path / "student", smollm2_dir, seed=7)).model
     heldout = load_heldout(heldout_file)
     metrics, tokens = intrinsic_metrics(student, teacher, heldout, batch_size=2, chunk_size=7)
-    nll, count, kl, agree = _per_document_reference(student, teacher, heldout)
+    nll, count, kl, agree, accept = per_document_reference(student, teacher, heldout)
     total = sum(count.values())
     # 2 rows × (23 next-token targets minus the second document's first token) − 2 masked targets in row 0
     assert tokens == total == 2 * 22 - 2
     for dom in ("general", "math"):
         assert metrics[f"ppl_{dom}"] == pytest.approx(math.exp(nll[dom] / count[dom]), rel=1e-4)
+        assert metrics[f"accept_{dom}"] == pytest.approx(accept[dom] / count[dom], rel=1e-4)
+        assert 0 < metrics[f"accept_{dom}"] < 1
     assert metrics["ppl_all"] == pytest.approx(math.exp(sum(nll.values()) / total), rel=1e-4)
     assert metrics["kl_to_teacher"] == pytest.approx(kl / total, rel=1e-3, abs=1e-6)
     assert metrics["kl_to_teacher"] > 0
     assert metrics["top1_agreement"] == pytest.approx(agree / total)
+
+
+@torch.inference_mode()
+def test_per_document_sums_add_up_to_the_metrics(tiny_teacher_dir, smollm2_dir, heldout_file, tmp_path):
+    teacher = EvalModel(tiny_teacher_dir).model
+    student = EvalModel(make_tiny_llama(tmp_path / "student", smollm2_dir, seed=8)).model
+    heldout = load_heldout(heldout_file)
+    assert unit_index(heldout.position_ids).tolist() == [[0] * 8 + [1] * 16, [2] * 8 + [3] * 16]
+    sums = intrinsic_sums(student, teacher, heldout, batch_size=1, chunk_size=5)
+    assert sums.domain.tolist() == [0, 0, 1, 1] and sums.tokens.tolist() == [5.0, 15.0, 7.0, 15.0]
+    metrics = metrics_from_sums(sums, heldout.domains)
+    units = {m: Units.from_json(u) for m, u in units_from_sums(sums, heldout.domains).items()}
+    assert set(units) == set(metrics)
+    for metric, value in metrics.items():
+        assert units[metric].value() == pytest.approx(value, rel=1e-12)
+    assert intrinsic_metrics(student, teacher, heldout, batch_size=2)[0] == pytest.approx(metrics, rel=1e-5)
 
 
 def test_identical_student_has_zero_kl_and_full_agreement(tiny_teacher_dir, heldout_file, tmp_path):
@@ -85,6 +89,7 @@ def test_identical_student_has_zero_kl_and_full_agreement(tiny_teacher_dir, held
     assert metrics["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["top1_agreement"] == 1.0
     assert self_metrics["kl_to_teacher"] == 0.0 and self_metrics["top1_agreement"] == 1.0
+    assert self_metrics["accept_general"] == 1.0 and metrics["accept_math"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["ppl_all"] == pytest.approx(self_metrics["ppl_all"], rel=1e-5)
 
 
@@ -135,7 +140,7 @@ def test_mbpp_pass_at_1_of_reference_solutions():
     assert get_task("mbpp").run(reference, EvalContext(limit=3)).metrics == {"mbpp_pass@1": 1.0}
 
 
-@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "hellaswag", "mmlu"])
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "hellaswag", "piqa", "mmlu"])
 def test_multiple_choice_accuracy_of_an_oracle(name):
     task = get_task(name)
     items = task.items(4)
@@ -143,6 +148,20 @@ def test_multiple_choice_accuracy_of_an_oracle(name):
     assert task.run(oracle, EvalContext(limit=4)).metrics == {f"{name}_acc": 1.0, f"{name}_acc_norm": 1.0}
     contrarian = AnswerBook({}, gold={it.context: it.choices[(it.gold + 1) % len(it.choices)] for it in items})
     assert task.run(contrarian, EvalContext(limit=4)).metrics == {f"{name}_acc": 0.0, f"{name}_acc_norm": 0.0}
+
+
+@pytest.mark.parametrize("name", ["rg_simple_equations", "rg_time_intervals", "rg_complex_addition"])
+def test_reasoning_gym_accuracy_of_right_and_wrong_answers(name):
+    task = get_task(name)
+    items = task.items(6)
+    prefix = task.prompt_prefix()
+    assert prefix.count("Question: ") == 3 and not any(it["question"] in prefix for it in items)
+    right = AnswerBook({f"{prefix}Question: {it['question']}\nAnswer:": f" {it['answer']}" for it in items})
+    result = task.run(right, EvalContext(limit=6, max_new_tokens=64))
+    assert result.metrics == {f"{name}_acc": 1.0} and result.units[f"{name}_acc"]["binomial"]
+    assert right.calls[0]["max_new_tokens"] == task.answer_tokens and "\n" in right.calls[0]["stop"]
+    wrong = AnswerBook({f"{prefix}Question: {it['question']}\nAnswer:": " 123456789" for it in items})
+    assert task.run(wrong, EvalContext(limit=6)).metrics == {f"{name}_acc": 0.0}
 
 
 def test_unknown_task_is_named():

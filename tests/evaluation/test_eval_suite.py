@@ -10,11 +10,11 @@ import torch
 from conftest import make_tiny_llama
 from eval_helpers import write_heldout
 
-from distill.artifacts import read_manifest, write_manifest
+from distill.artifacts import is_complete, read_manifest, write_manifest
 from distill.config import load_config
 from evaluation.cache import model_hash
 from evaluation.lm import EvalModel, truncate_at_stop
-from evaluation.suite import eval_cli, evaluate_models, evaluate_run
+from evaluation.suite import EvalIncomplete, eval_cli, evaluate_models, evaluate_run
 
 
 @pytest.fixture
@@ -52,7 +52,9 @@ def test_stop_strings_cut_the_output(tiny):
 
 @torch.inference_mode()
 def test_score_equals_manual_log_likelihood(tiny):
-    requests = [("The cat sat on the", " mat"), ("One two", " three four five"), ("x", " y")]
+    # Choices of one context share a row (the context scored once); each must score as if alone.
+    requests = [("The cat sat on the", " mat"), ("One two", " three four five"), ("The cat sat on the", " hat"),
+                ("x", " y"), ("The cat sat on the", " warm red rug")]
     scores = tiny.score(requests, batch_size=2)
     for (ctx, cont), s in zip(requests, scores, strict=True):
         c, k = tiny.encode(ctx), tiny.encode(cont, special=False)
@@ -61,6 +63,17 @@ def test_score_equals_manual_log_likelihood(tiny):
         expected = sum(float(lp[len(c) - 1 + j, k[j]]) for j in range(len(k)))
         assert s.num_tokens == len(k)
         assert s.logprob == pytest.approx(expected, abs=1e-3)
+        assert s.is_greedy == all(int(lp[len(c) - 1 + j].argmax()) == k[j] for j in range(len(k)))
+
+
+@torch.inference_mode()
+def test_score_cuts_a_long_context_from_the_left(tiny, monkeypatch):
+    context, cont = "one two three four five six seven eight nine ten", " eleven twelve"
+    c, k = tiny.encode(context), tiny.encode(cont, special=False)
+    monkeypatch.setattr(tiny, "max_length", len(k) + 3)  # room for 3 context tokens per continuation
+    scores = tiny.score([(context, cont), (context, " zero")], batch_size=4)
+    lp = torch.log_softmax(tiny.model(torch.tensor([c[-3:] + k])).logits[0].double(), -1)
+    assert scores[0].logprob == pytest.approx(sum(float(lp[2 + j, k[j]]) for j in range(len(k))), abs=1e-3)
 
 
 def test_model_hash_follows_the_weights(tiny_teacher_dir, smollm2_dir, tmp_path):
@@ -121,7 +134,8 @@ def test_eval_stage_with_checkpoints(tiny_teacher_dir, smollm2_dir, tmp_path):
             (ckpt / name).unlink(missing_ok=True)  # checkpoints hold weights only
         (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
     write_manifest(run / "train", "train", config={}, teacher=None)
-    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic]", "eval.limit=2"])
+    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic]", "eval.limit=2",
+                             "eval.checkpoint_tasks=[intrinsic]"])
     out = evaluate_run(cfg, run)
     assert read_manifest(out, "eval")["stage"] == "eval"
     report = json.loads((out / "report.json").read_text())
@@ -133,10 +147,65 @@ def test_eval_stage_with_checkpoints(tiny_teacher_dir, smollm2_dir, tmp_path):
 
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert evaluate_run(cfg, run) == out and (out / "manifest.json").stat().st_mtime_ns == stamp  # done: skipped
-    more = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic,arc_easy]", "eval.limit=2"])
+    more = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic,arc_easy]", "eval.limit=2",
+                              "eval.checkpoint_tasks=[intrinsic]"])
     report = json.loads((evaluate_run(more, run) / "report.json").read_text())  # other settings: redone
     assert "arc_easy_acc" in report["models"]["student"]["metrics"]
     assert report["throughput"]["student"]["intrinsic"]["cached"]
+
+
+def _tiny_run(run, smollm2_dir, seed=11):
+    """A run folder with held-out data, a finished train stage and its final student."""
+    write_heldout(run / "data")
+    make_tiny_llama(run / "train" / "final", smollm2_dir, seed=seed)
+    write_manifest(run / "train", "train", config={"seed": seed}, teacher=None)
+    return run
+
+
+def test_failed_task_leaves_the_stage_incomplete_until_it_succeeds(tiny_teacher_dir, smollm2_dir, tmp_path,
+                                                                   monkeypatch):
+    from evaluation.tasks.multiple_choice import OlmoChoiceTask
+
+    run = _tiny_run(tmp_path / "run", smollm2_dir)
+    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic,arc_easy]", "eval.limit=2",
+                             "eval.checkpoint_tasks=[]"])
+
+    def unreadable(self, limit):
+        raise OSError("benchmark file unreadable")
+
+    with monkeypatch.context() as m:
+        m.setattr(OlmoChoiceTask, "items", unreadable)
+        with pytest.raises(EvalIncomplete, match=r"student / arc_easy: OSError: benchmark file unreadable.*distill eval"):
+            evaluate_run(cfg, run)
+    assert not is_complete(run / "eval", "eval")
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert "arc_easy_acc" not in report["models"]["student"]["metrics"]  # never a score
+    assert "arc_easy_acc" not in {r["metric"] for r in report["gap"]["student"]}
+    assert report["errors"]["student"]["arc_easy"].startswith("OSError")
+    assert "## Failed tasks" in (run / "eval" / "report.md").read_text()
+
+    out = evaluate_run(cfg, run)  # the cause is gone: the advised rerun completes, intrinsic from the cache
+    assert is_complete(out, "eval")
+    report = json.loads((out / "report.json").read_text())
+    assert not report["errors"] and "arc_easy_acc" in report["models"]["student"]["metrics"]
+    assert report["throughput"]["student"]["intrinsic"]["cached"]
+
+
+def test_new_inputs_invalidate_the_eval_stage(tiny_teacher_dir, smollm2_dir, tmp_path):
+    run = _tiny_run(tmp_path / "run", smollm2_dir)
+    cfg = load_config(None, [f"teacher.model={tiny_teacher_dir}", "eval.tasks=[intrinsic]", "eval.checkpoint_tasks=[]"])
+    first = json.loads((evaluate_run(cfg, run) / "report.json").read_text())
+    stamp = (run / "eval" / "manifest.json").stat().st_mtime_ns
+    evaluate_run(cfg, run)
+    assert (run / "eval" / "manifest.json").stat().st_mtime_ns == stamp  # same inputs: skipped
+
+    _tiny_run(run, smollm2_dir, seed=12)  # a retrained student (its stage manifest changes)
+    second = json.loads((evaluate_run(cfg, run) / "report.json").read_text())
+    assert second["models"]["student"]["metrics"] != first["models"]["student"]["metrics"]
+    write_heldout(run / "data", seed=3)  # other held-out data
+    third = json.loads((evaluate_run(cfg, run) / "report.json").read_text())
+    assert third["models"]["student"]["metrics"] != second["models"]["student"]["metrics"]
+    assert not third["throughput"][third["teacher"]]["intrinsic"]["cached"]
 
 
 @torch.inference_mode()

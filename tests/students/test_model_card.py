@@ -52,3 +52,27 @@ def test_card_with_annealing_and_llama_notices():
     assert "ran 5 steps from lr 0.0001 to 0 with domain weights math 0.60, general 0.40; averaged: step-000004, step-000005" in text
     assert "published weights: `anneal/final`" in text
     assert "Meta Llama 3 is licensed under the Meta Llama 3 Community License" in text
+
+
+def test_card_says_which_checkpoint_was_published_and_how_it_drafts():
+    from evaluation.report import compute_gaps, speculative
+
+    cfg = load_config(None, ["anneal.enabled=true", "publish.name=tiny"])
+    plan = plan_license(PublishConfig(), "someone/some-model", None, "x")
+    units = {"accept_math_ood": {"num": [30.0, 50.0], "den": [50.0, 50.0], "transform": "mean", "binomial": False}}
+    teacher_units = {"accept_math_ood": {"num": [50.0, 50.0], "den": [50.0, 50.0], "transform": "mean"}}
+    models = {"T": {"role": "teacher", "metrics": {"accept_math_ood": 1.0}, "units": teacher_units},
+              "tiny": {"role": "student", "metrics": {"accept_math_ood": 0.8}, "units": units}}
+    report = {"teacher": "T", "models": models, "gap": compute_gaps(models, "T", {"accept_math_ood": True})}
+    report["speculative"] = {"tiny": speculative(report, "tiny")}
+    choice = {"chosen": "last", "last": "step 12", "loss": {"averaged": 2.5, "last": 2.25}, "delta": 0.25}
+    text = render_card(CardInputs(name="tiny", cfg=cfg, license=plan, teacher={"id": "someone/some-model"},
+                                  parameters=1_000_000, final_stage="anneal", eval_report=report,
+                                  anneal_manifest={"num_steps": 12, "final_choice": choice}))
+    assert ("published weights: `anneal/final` = the last annealing checkpoint, chosen on in-distribution held-out "
+            "loss: 2.2500 nats/token, 0.2500 lower than the average of the annealing checkpoints (2.5000)") in text
+    assert "## As a draft model for speculative decoding" in text
+    # α = 0.8: γ = 4 drafts give (1 − 0.8⁵) / 0.2 = 3.36 tokens per teacher forward
+    assert "| out-of-distribution | math | 0.8000 ± " in text and "| 3.36 [" in text
+    assert "draft model" not in render_card(CardInputs(name="tiny", cfg=cfg, license=plan, teacher={"id": "x/y"},
+                                                       parameters=1, final_stage="train"))

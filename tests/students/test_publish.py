@@ -47,7 +47,8 @@ def write_eval(run, metrics):
               "gap": compute_gaps(models, "teacher", {m: v[2] for m, v in metrics.items()})}
     (run / "eval").mkdir(exist_ok=True)
     (run / "eval" / "report.json").write_text(json.dumps(report))
-    write_manifest(run / "eval", "eval", config={}, teacher=None, inputs={"student": run / "train"})
+    write_manifest(run / "eval", "eval", config={}, teacher=None, inputs={"student": run / "train"},
+                   report=report["gap"])
 
 
 def card_meta(folder):

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.artifacts import ArtifactError, read_manifest, write_manifest
 from distill.config import load_config
+from distill.packed import write_packed_shard
 from students.configs import STUDENT_SIZES, StudentSize, count_parameters
 from students.init import init_student
 from students.pruning import even_layers
@@ -143,17 +143,18 @@ def test_calibration_comes_from_the_run_data_and_checks_its_tokenizer(wide_teach
     data = tmp_path / "data"
     ids = torch.randint(0, 49152, (3, 16), dtype=torch.int32)
     pos = torch.arange(16, dtype=torch.int32).repeat(3, 1)
-    data.mkdir()
-    save_file({"input_ids": ids, "position_ids": pos, "loss_mask": torch.ones(3, 16, dtype=torch.uint8),
-               "domain": torch.zeros(3, dtype=torch.int16)}, data / "train.safetensors")
-    write_manifest(data, "data", config={}, teacher={**identity, "tokenizer_hash": "other"})
+    shard = write_packed_shard(data / "train" / "000-000000.safetensors", {
+        "input_ids": ids, "position_ids": pos, "loss_mask": torch.ones(3, 16, dtype=torch.uint8),
+        "domain": torch.zeros(3, dtype=torch.int16)})
+    layout = {"seq_len": 16, "train_shards": [shard]}
+    write_manifest(data, "data", config={}, teacher={**identity, "tokenizer_hash": "other"}, **layout)
     cfg = _cfg(wide_teacher, "student.size=test-2l", "student.layer_selection=importance",
                "student.calibration_sequences=2")
     with pytest.raises(ArtifactError, match="tokenizer"):
         init_student(cfg, tmp_path)
-    write_manifest(data, "data", config={}, teacher=identity)
+    write_manifest(data, "data", config={}, teacher=identity, **layout)
     manifest = read_manifest(init_student(cfg, tmp_path), "student")
-    assert manifest["calibration"] == {"source": f"{data / 'train.safetensors'} (first 2 sequences)", "tokens": 32}
+    assert manifest["calibration"] == {"source": f"{data} (first 2 training rows)", "tokens": 32}
     assert manifest["kept_layers"] == [1, 2]
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from distill.artifacts import write_manifest
+from distill.packed import write_packed_shard
 from teachers.resolve import load_tokenizer, teacher_identity
 
 
@@ -34,10 +34,11 @@ def write_data_dir(run_dir: Path, model_dir: Path, input_ids: torch.Tensor, posi
     out = Path(run_dir) / "data"
     out.mkdir(parents=True, exist_ok=True)
     num = input_ids.shape[0]
-    save_file({"input_ids": input_ids, "position_ids": position_ids,
-               "loss_mask": torch.ones_like(input_ids, dtype=torch.uint8),
-               "domain": torch.zeros(num, dtype=torch.int16)}, str(out / "train.safetensors"))
+    shard = write_packed_shard(out / "train" / "000-000000.safetensors", {
+        "input_ids": input_ids, "position_ids": position_ids,
+        "loss_mask": torch.ones_like(input_ids, dtype=torch.uint8), "domain": torch.zeros(num, dtype=torch.int16)})
     tok = load_tokenizer(model_dir)
     write_manifest(out, "data", config={}, teacher=teacher_identity(str(model_dir), None, tok, 49152),
-                   domains=["general"], num_train=num, num_heldout=0, seq_len=int(input_ids.shape[1]))
+                   domains=["general"], num_train=num, num_heldout=0, seq_len=int(input_ids.shape[1]),
+                   train_shards=[shard])
     return out

@@ -13,33 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from teacher_testdata import packed_rows, write_data_dir
+from capture_testdata import make_run, store_files
 
 import teachers.capture as capture_mod
 from distill.artifacts import ArtifactError
-from distill.config import from_dict, save_config
-from teachers.capture import PROGRESS, capture
+from distill.config import save_config
+from teachers.capture import capture, progress_path
 from teachers.store import LogitStore, reconstruction_kl, write_shard
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def make_run(tmp_path: Path, model_dir: Path, eos: int, *, num: int, length: int, per_shard: int, k: int = 16):
-    """A run folder holding RUN/data for the tiny teacher, and the config that captures it."""
-    ids, pos = packed_rows(num, length, 49152, eos, seed=num)
-    write_data_dir(tmp_path, model_dir, ids, pos)
-    cfg = from_dict({"teacher": {"model": str(model_dir), "batch_size": 2, "topk_chunk_size": 50},
-                     "capture": {"top_k": k, "sequences_per_shard": per_shard}})
-    return cfg, ids, pos
-
-
-def store_files(folder: Path) -> dict[str, bytes]:
-    """Every file of a store; the manifest without its creation time (the only field allowed to differ)."""
-    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.pop("created")
-    files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
-    return files
 
 
 def test_capture_writes_the_teachers_topk(tmp_path, tiny_teacher_dir, eos_id, monkeypatch):
@@ -109,7 +91,7 @@ def test_resume_after_failure_recomputes_only_missing_or_corrupt_shards(tmp_path
     monkeypatch.setattr(capture_mod, "make_backend", Failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         capture(cfg, tmp_path)
-    progress = json.loads((tmp_path / "logits" / PROGRESS).read_text())
+    progress = json.loads(progress_path(tmp_path / "logits", 0).read_text())
     assert [r["start"] for r in progress["completed"]] == [0, 2, 4]
     # A recorded shard damaged after the crash must be detected and recomputed, not trusted.
     damaged = tmp_path / "logits" / progress["completed"][1]["file"]
@@ -141,11 +123,11 @@ def test_sigkill_mid_capture_then_rerun_gives_the_identical_store(tmp_path, tiny
               "from teachers.capture import capture; capture(load_config(sys.argv[1]), Path(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", script, str(config_path), str(tmp_path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress_path = tmp_path / "logits" / PROGRESS
+    progress_file = progress_path(tmp_path / "logits", 0)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if progress_path.is_file() and len(json.loads(progress_path.read_text())["completed"]) >= 3:
+            if progress_file.is_file() and len(json.loads(progress_file.read_text())["completed"]) >= 3:
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.005)
@@ -154,7 +136,7 @@ def test_sigkill_mid_capture_then_rerun_gives_the_identical_store(tmp_path, tiny
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the capture finished (or failed) before it could be killed"
     assert not (tmp_path / "logits" / "manifest.json").exists()
-    done_at_kill = len(json.loads(progress_path.read_text())["completed"])
+    done_at_kill = len(json.loads(progress_file.read_text())["completed"])
     assert 3 <= done_at_kill < num // per_shard
 
     out = capture(cfg, tmp_path)
