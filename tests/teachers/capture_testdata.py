@@ -26,5 +26,6 @@ def store_files(folder: Path) -> dict[str, bytes]:
     files["plan.json"] = (folder / "plan.json").read_bytes()
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.pop("created")
+    manifest.pop("fingerprint", None)  # stamped by the pipeline when a CLI verb ran the stage
     files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
     return files
