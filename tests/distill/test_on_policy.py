@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_tiny_llama
+from test_trainer import kill_after_step, run_trainer_cli
 
 from distill.artifacts import read_manifest, sha256_file, write_manifest
 from distill.checkpoint import list_checkpoints
@@ -248,12 +244,6 @@ def test_a_failing_teacher_is_retried_then_stops_with_the_checkpoint_kept(tmp_pa
     assert sha256_file(run / "checkpoints" / "step-000002" / "model.safetensors") == kept
 
 
-def _run_cli(config: Path, run_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "distill.trainer", str(config), str(run_dir)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
 def test_sigkill_then_resume_samples_and_scores_the_same(tmp_path, tiny_teacher_dir):
     """`kill -9` an on-policy run between checkpoints, resume, and compare every step's loss (a function of
     the student's own samples) with an uninterrupted run."""
@@ -263,23 +253,13 @@ def test_sigkill_then_resume_samples_and_scores_the_same(tmp_path, tiny_teacher_
         cfg = make_on_policy_run(runs[name], tiny_teacher_dir, max_steps=steps, save_every=3, keep_last=1,
                                  on_policy_fraction=0.75, loss="jsd")
         (runs[name] / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    straight = _run_cli(runs["straight"] / "config.yaml", runs["straight"])
+    straight = run_trainer_cli(runs["straight"] / "config.yaml", runs["straight"])
     assert straight.wait(timeout=600) == 0, straight.stdout.read().decode()[-3000:]
 
-    proc = _run_cli(runs["killed"] / "config.yaml", runs["killed"])
     metrics = runs["killed"] / "train" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        records = read_metrics(metrics)
-        if records and records[-1]["step"] >= 5:  # past the checkpoint at 3: steps 4-5 must be redone
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_metrics(metrics)[-1]["step"] < steps
+    assert kill_after_step(runs["killed"], 5) < steps  # past the checkpoint at 3: steps 4-5 are redone
 
-    resumed = _run_cli(runs["killed"] / "config.yaml", runs["killed"])
+    resumed = run_trainer_cli(runs["killed"] / "config.yaml", runs["killed"])
     output = resumed.communicate(timeout=600)[0].decode()
     assert resumed.returncode == 0 and "resumed from" in output, output[-3000:]
     a = read_metrics(runs["straight"] / "train" / "metrics.jsonl")

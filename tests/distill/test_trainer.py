@@ -168,10 +168,27 @@ def _write_config(cfg, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg)))
 
 
-def _run_cli(config: Path, run_dir: Path, **kwargs) -> subprocess.Popen:
+def run_trainer_cli(config: Path, run_dir: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "distill.trainer", str(config), str(run_dir)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def kill_after_step(run_dir: Path, step: int) -> int:
+    """Start `python -m distill.trainer` on RUN/config.yaml, `kill -9` it once `step` steps are logged (past
+    a checkpoint, so the steps after it must be dropped and redone on resume); returns the last logged step."""
+    proc = run_trainer_cli(run_dir / "config.yaml", run_dir)
+    metrics = run_dir / "train" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        records = read_metrics(metrics)
+        if records and records[-1]["step"] >= step:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return read_metrics(metrics)[-1]["step"]
 
 
 def test_sigkill_then_resume_continues_the_same_curve(tmp_path, tiny_teacher_dir):
@@ -185,26 +202,14 @@ def test_sigkill_then_resume_continues_the_same_curve(tmp_path, tiny_teacher_dir
                                  loss_chunk_size=64)
         _write_config(cfg, runs[name] / "config.yaml")
 
-    straight = _run_cli(runs["straight"] / "config.yaml", runs["straight"])
+    straight = run_trainer_cli(runs["straight"] / "config.yaml", runs["straight"])
     assert straight.wait(timeout=600) == 0, straight.stdout.read().decode()[-3000:]
 
-    proc = _run_cli(runs["killed"] / "config.yaml", runs["killed"])
     metrics = runs["killed"] / "train" / "metrics.jsonl"
-    deadline = time.time() + 300
-    # Kill once a checkpoint exists and a few steps past it were logged (they must be dropped on resume).
-    while time.time() < deadline and proc.poll() is None:
-        records = read_metrics(metrics)
-        if records and records[-1]["step"] >= 6:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = read_metrics(metrics)[-1]["step"]
-    assert killed_at < steps
+    assert kill_after_step(runs["killed"], 6) < steps
     assert not (runs["killed"] / "train" / "final").exists()
 
-    resumed = _run_cli(runs["killed"] / "config.yaml", runs["killed"])
+    resumed = run_trainer_cli(runs["killed"] / "config.yaml", runs["killed"])
     output = resumed.communicate(timeout=600)[0].decode()
     assert resumed.returncode == 0, output[-3000:]
     assert "resumed from" in output
