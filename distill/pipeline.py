@@ -16,6 +16,7 @@ claims settings that no output was made with.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -104,6 +105,19 @@ def _train_reads(cfg: RunConfig) -> dict[str, Any]:
     return reads
 
 
+def _data_reads(cfg: RunConfig) -> dict[str, Any]:
+    """The data config, plus the size and modification time of each local source file, so a source edited
+    in place (same path, other text) reruns the stage. Hub ids are pinned by their config alone."""
+    reads = _section(cfg, "data", ("num_proc",)) | _teacher(cfg)
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind in ("jsonl", "text_files", "hf") and src.path:
+            files = sorted(glob.glob(src.path, recursive=True)) if src.kind == "text_files" else [src.path]
+            stats = [os.stat(f) for f in files if os.path.isfile(f)]
+            if stats:
+                reads[f"data.sources[{i}].files"] = [[s.st_size, s.st_mtime_ns] for s in stats]
+    return reads
+
+
 def _final_stage(cfg: RunConfig) -> str:
     return "anneal" if cfg.anneal.enabled else "train"
 
@@ -128,7 +142,7 @@ class Stage:
 STAGES: list[Stage] = [
     Stage("synth", "synth", _synth, lambda c: _section(c, "synth", ("enabled",)) | _teacher(c, "backend", "dtype"),
           lambda c: [], lambda c: c.synth.enabled, expensive=True),
-    Stage("data", "data", build_data, lambda c: _section(c, "data", ("num_proc",)) | _teacher(c),
+    Stage("data", "data", build_data, _data_reads,
           lambda c: ["synth"] if _uses_synth(c) else [], expensive=True),
     Stage("capture", "logits", _capture, lambda c: _section(c, "capture") | _teacher(c, "backend", "dtype"),
           lambda c: ["data"], _offline_kd, expensive=True),

@@ -142,3 +142,18 @@ def test_damaged_shard_is_named_and_repaired_alone(tmp_path, tiny_run_overrides,
     assert _shard_bytes(out) == before
     assert other.stat().st_mtime_ns == other_mtime
     PackedRows(out)
+
+
+def test_a_source_edited_in_place_makes_the_data_stale(tmp_path, tiny_run_overrides, corpus):
+    from distill import pipeline
+    from distill.config import InputError
+
+    source_file = tmp_path / "mine.jsonl"
+    source_file.write_bytes(corpus.read_bytes())
+    cfg = load_config(ROOT / "configs/tiny.yaml", _overrides(
+        tiny_run_overrides, f"{{name: web, kind: jsonl, domain: general, path: {source_file}}}", train_tokens=4000))
+    pipeline.run_stage("data", cfg, tmp_path / "run")
+    assert [s.action for s in pipeline.plan(cfg, tmp_path / "run", only="data")] == ["skip"]
+    _jsonl(source_file, _texts(1200, seed=1))  # same path, other text
+    with pytest.raises(InputError, match=r"data: data.sources\[0\].files .*--rerun data"):
+        pipeline.plan(cfg, tmp_path / "run", only="data")
