@@ -32,12 +32,13 @@ import json
 import time
 from pathlib import Path
 
-from distill.anneal import anneal, anneal_steps, continue_from_checkpoint, evaluate_models, linear_to_zero
-from distill.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, read_manifest
+from core.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, read_manifest
+from core.checkpoint import checkpoint_dir, latest_checkpoint
+from core.config import load_config
+from distill.anneal import anneal, anneal_steps, continue_from_checkpoint, linear_to_zero
 from distill.averaging import average_checkpoints, ema_weights
-from distill.checkpoint import checkpoint_dir, latest_checkpoint
-from distill.config import load_config
 from distill.mixture import domain_weights
+from evaluation.anneal_report import evaluate_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,12 +47,14 @@ def build_config(args: argparse.Namespace):
     overrides = [
         f"teacher.model={args.teacher}",
         f"student.size={args.student}", "student.init=scratch",
-        "data.seq_len=128", f"data.train_tokens={args.train_tokens}", f"data.heldout_sequences_per_domain={args.heldout}",
+        "data.seq_len=128", f"data.train_tokens={args.train_tokens}",
+        f"data.heldout_sequences_per_domain={args.heldout}",
         f"train.objective={args.objective}", "train.schedule=constant", f"train.lr={args.lr}", "train.warmup_steps=20",
         f"train.batch_size={args.batch_size}", f"train.max_steps={args.main_steps}", "train.save_every=0",
         "train.log_every=20", "train.teacher_source=online",
         "anneal.enabled=true", f"anneal.fraction={args.fraction}",
-        f"anneal.upsample={{math: {args.upsample}, code: {args.upsample}}}", f"anneal.num_checkpoints={args.checkpoints}",
+        f"anneal.upsample={{math: {args.upsample}, code: {args.upsample}}}",
+        f"anneal.num_checkpoints={args.checkpoints}",
         f"anneal.average_window={args.window}",
         "eval.batch_size=8",
     ]
@@ -72,7 +75,8 @@ def run_arm(cfg, run_dir: Path, out_dir: Path, start: Path, weights: dict[str, f
 def summary_markdown(result: dict) -> str:
     domains = result["domains"]
     models = result["models"]
-    rows = ["| model | " + " | ".join(f"loss {d}" for d in domains) + " | " + " | ".join(f"KL {d}" for d in domains) + " |",
+    rows = ["| model | " + " | ".join(f"loss {d}" for d in domains) + " | "
+            + " | ".join(f"KL {d}" for d in domains) + " |",
             "|---" * (1 + 2 * len(domains)) + "|"]
     for name, per in models.items():
         rows.append(f"| {name} | " + " | ".join(f"{per[d]['loss']:.4f}" for d in domains) + " | "
@@ -186,7 +190,7 @@ def main() -> None:
     models = {"before (main run)": start, "continue: last": cont, "decay-only: last": decay,
               "anneal: last": saved[-1], f"anneal: averaged ({len(saved)})": anneal_dir / "final",
               "anneal: averaged (last 2)": avg_last2, "anneal: EMA 0.5": ema}
-    evaluated = evaluate_models(cfg, data_dir, models)
+    evaluated = evaluate_checkpoints(cfg, data_dir, models)
     result = {
         "domains": evaluated["domains"], "tokens": evaluated["tokens"], "models": evaluated["models"],
         "main_steps": main_steps, "arm_steps": steps, "fraction": cfg.anneal.fraction, "start_lr": start_lr,

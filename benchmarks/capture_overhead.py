@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 import teachers.capture as capture_mod
-from distill.config import EMBEDDED_TEACHER, from_dict
+from core.config import EMBEDDED_TEACHER, from_dict
+from core.records import model_vocab_size
 from distill.data import build_data, load_split
-from teachers.capture import capture, teacher_vocab_size
+from teachers.capture import capture
 from teachers.hf_backend import TransformersBackend
 from teachers.resolve import load_model, resolve_teacher
 from teachers.store import Codec
@@ -120,7 +121,7 @@ def main() -> None:
         store_bytes = sum(p.stat().st_size for p in out.glob("shard-*"))
         model_dir = resolve_teacher(args.teacher)
         backend = TransformersBackend(cfg.teacher, model_dir)
-        codec = Codec(args.top_k, teacher_vocab_size(model_dir), cfg.capture.logprob_bits,
+        codec = Codec(args.top_k, model_vocab_size(model_dir), cfg.capture.logprob_bits,
                       cfg.capture.logprob_max_step)
         ids, pos = train_rows(run / "data")
         inter_bare, inter_work = interleaved_seconds(model, backend, codec, ids, pos, args.batch_size, args.repeats)
@@ -134,7 +135,8 @@ def main() -> None:
     print(f"capture / bare time ratio: {capture_s / bare:.3f}  → overhead {100 * (capture_s / bare - 1):+.1f}%")
     inter_tokens = len(inter_bare) * args.batch_size * args.seq_len
     ratios = sorted(w / b for w, b in zip(inter_work, inter_bare, strict=True))
-    print(f"interleaved, {len(ratios)} batches, fastest of {args.repeats} each: bare {inter_tokens / sum(inter_bare):8.1f} tok/s, score+encode "
+    print(f"interleaved, {len(ratios)} batches, fastest of {args.repeats} each: "
+          f"bare {inter_tokens / sum(inter_bare):8.1f} tok/s, score+encode "
           f"{inter_tokens / sum(inter_work):8.1f} tok/s → ratio {sum(inter_work) / sum(inter_bare):.3f}; "
           f"per-batch ratios {' '.join(f'{r:.3f}' for r in ratios)} (median {ratios[len(ratios) // 2]:.3f})")
 

@@ -36,8 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def heldout_scores(student_dir: Path, teacher, rows: dict, chunk: int = 256, batch: int = 4) -> dict:
     """Mean full-vocab KL(teacher ‖ student) and student / teacher cross-entropy on the held-out training
     positions of `rows` (the packed `heldout` split)."""
-    from distill.packing import document_causal_mask
-    from distill.trainer import training_positions
+    from core.packing import document_causal_mask, training_positions
     from teachers.resolve import load_model
 
     student = load_model(student_dir, "float32", "cpu")
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from distill.config import load_config
+    from core.config import load_config
     from distill.data import build_data, load_split
     from distill.trainer import read_metrics, train
     from students.init import init_student

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for every arm")
     args = parser.parse_args(argv)
 
-    from distill.config import load_config
+    from core.config import load_config
     from distill.data import build_data
     from distill.schedule import schedule_from_config
     from distill.trainer import read_metrics, run_training

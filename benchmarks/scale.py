@@ -142,30 +142,41 @@ def data_parallel(work: Path, corpus: Path, tokens: int, log: Path) -> dict[str,
 
 
 def rss_by_stage(work: Path, teacher: Path, corpus: Path, budgets: tuple[int, int], log: Path,
-                 stages: tuple[str, ...] = ("data", "capture", "train")) -> dict:
-    """Peak RSS (bytes) of each of `stages` at each budget; one process per stage."""
+                 stages: tuple[str, ...] = ("data", "capture", "train"), train_repeats: int = 3,
+                 reuse: bool = False) -> dict:
+    """Peak RSS (bytes) of each of `stages` at each budget; one process per stage. The train stage is run
+    `train_repeats` times (its train/ folder removed before each) and its mean reported: a single pair of
+    runs varies by a few MiB, the size of the whole budget. `reuse`: keep the runs an earlier call left in
+    `work` (their data, capture and student stages are then not rebuilt, so only train is measured)."""
     peaks: dict[str, dict[int, int]] = {stage: {} for stage in stages}
     for tokens in budgets:
         run = work / f"rss-{tokens}"
-        shutil.rmtree(run, ignore_errors=True)
+        if not reuse:
+            shutil.rmtree(run, ignore_errors=True)
         # Chunks of 1M characters: both budgets span many, so the figure is what grows with the budget
         # (a chunk in flight costs the same in both).
         cfg = write_config(work / f"rss-{tokens}.yaml", str(teacher), corpus, tokens,
                            data={"shard_chars": 1_000_000})
         needed = {"data": {"data"}, "capture": {"data", "capture"}, "train": {"data", "capture", "student", "train"}}
         for stage in [s for s in ("data", "capture", "student", "train") if any(s in needed[t] for t in stages)]:
-            # One thread: the tiny teacher's kernels are too small to share, and the figure is memory.
-            seconds, peak = measured(distill(stage, cfg, run), threads=1, log=log)
+            repeats = train_repeats if stage == "train" else 1
+            runs = []
+            for _ in range(repeats):
+                if stage == "train":
+                    shutil.rmtree(run / "train", ignore_errors=True)
+                # One thread: the tiny teacher's kernels are too small to share, and the figure is memory.
+                runs.append(measured(distill(stage, cfg, run), threads=1, log=log))
             if stage in peaks:
-                peaks[stage][tokens] = peak
-                print(f"  {stage:8s} {tokens / 1e6:5.0f}M tokens: peak RSS {peak / 2**20:7.1f} MiB, {seconds:6.0f} s",
-                      flush=True)
+                peaks[stage][tokens] = round(sum(peak for _, peak in runs) / len(runs))
+                each = ", ".join(f"{peak / 2**20:.1f}" for _, peak in runs)
+                print(f"  {stage:8s} {tokens / 1e6:5.0f}M tokens: peak RSS {peaks[stage][tokens] / 2**20:7.1f} MiB "
+                      f"(runs: {each}), {runs[-1][0]:6.0f} s", flush=True)
     return peaks
 
 
 def capture_workers(work: Path, run: Path, cfg: Path, log: Path) -> dict[int, float]:
     """Capture tokens/s with 1 and 2 torchrun workers (one thread each) over the same rows."""
-    from distill.artifacts import read_manifest
+    from core.artifacts import read_manifest
 
     num = read_manifest(run / "data", "data")["train_tokens"]
     out = {}
@@ -209,6 +220,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temp dir)")
     parser.add_argument("--parts", default="1,2,3,4", help="which measurements, e.g. 1,4")
     parser.add_argument("--rss-stages", default="data,capture,train", help="stages whose peak RSS part 4 measures")
+    parser.add_argument("--train-repeats", type=int, default=3, help="part 4: runs of the train stage per budget")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="part 4: keep the runs of an earlier call in --work (use with --rss-stages train)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="distill-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -225,7 +239,8 @@ def main() -> None:
     if 2 in parts or 3 in parts:
         smollm2_parts(work, corpus, parts, log)
     if 4 in parts:
-        memory(work, corpus, args.small, args.large, log, tuple(args.rss_stages.split(",")))
+        memory(work, corpus, args.small, args.large, log, tuple(args.rss_stages.split(",")), args.train_repeats,
+               args.reuse_runs)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
@@ -263,12 +278,13 @@ def train_speed(work: Path, base: Path, cfg: Path, log: Path) -> None:
           f"FSDP {step['fsdp']:.2f} s → FSDP/DDP ×{step['fsdp'] / step['ddp']:.2f}", flush=True)
 
 
-def memory(work: Path, corpus: Path, small: int, large: int, log: Path, stages: tuple[str, ...]) -> None:
+def memory(work: Path, corpus: Path, small: int, large: int, log: Path, stages: tuple[str, ...],
+           train_repeats: int, reuse: bool) -> None:
     teacher = work / "teacher-bpe512"
     if not teacher.is_dir():
         small_vocab_teacher(teacher, corpus)
     print(f"4. peak RSS, {small / 1e6:.0f}M vs {large / 1e6:.0f}M training tokens:", flush=True)
-    peaks = rss_by_stage(work, teacher, corpus, (small, large), log, stages)
+    peaks = rss_by_stage(work, teacher, corpus, (small, large), log, stages, train_repeats, reuse)
     for stage, by_budget in peaks.items():
         growth = (by_budget[large] - by_budget[small]) / (large - small)
         print(f"   {stage:8s} ratio {by_budget[large] / by_budget[small]:.3f}, growth {growth:.3f} B per "

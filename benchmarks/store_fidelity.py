@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from distill.config import EMBEDDED_TEACHER, TeacherConfig, from_dict
+from core.config import EMBEDDED_TEACHER, TeacherConfig, from_dict
+from core.records import TopK, model_vocab_size
 from distill.data import build_data, load_split
-from teachers.backend import TopK
-from teachers.capture import teacher_vocab_size
 from teachers.hf_backend import TransformersBackend
 from teachers.resolve import resolve_teacher
 from teachers.store import Codec, reconstruction_kl
@@ -57,7 +56,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     model_dir = resolve_teacher(args.teacher)
-    vocab = teacher_vocab_size(model_dir)
+    vocab = model_vocab_size(model_dir)
     with tempfile.TemporaryDirectory() as run:
         cfg = from_dict({"teacher": {"model": args.teacher},
                          "data": {"seq_len": args.seq_len, "train_tokens": args.rows * args.seq_len,

@@ -17,8 +17,9 @@ Plan (all derived from the config and the main run, so the stage is a pure funct
 - **final/**: whichever of `averaged/` and the last checkpoint has the lower in-distribution held-out loss
   (the run's validation rows, never benchmark scores); the last checkpoint when averaging is off. The
   report and the manifest (`final_choice`) say which and by how much.
-- **report**: per-domain held-out loss (nats/token) and KL(teacher ‖ student) for the model before
-  annealing, every annealing checkpoint and the averaged model (`report.md`, `report.png`, `report.json`).
+- **report** (evaluation/anneal_report.py): per-domain held-out loss (nats/token) and KL(teacher ‖ student)
+  for the model before annealing, every annealing checkpoint and the averaged model (`report.md`,
+  `report.png`, `report.json`).
 
 Works for both objectives (`train.objective` kd or ce): the loop is distill/trainer.py's `run_training`.
 """
@@ -26,30 +27,31 @@ Works for both objectives (`train.objective` kd or ce): the loop is distill/trai
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import (
+from core.artifacts import (
+    TOKENIZER_FILES,
     ArtifactError,
     atomic_dir,
-    atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     is_complete,
     read_manifest,
     write_manifest,
 )
+from core.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints
+from core.config import RunConfig, to_dict
+from core.packed import PackedRows
 from distill.averaging import average_checkpoints, ema_weights
-from distill.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints
-from distill.config import RunConfig, to_dict
 from distill.mixture import domain_weights, mix_error, realised_mix, replay, upsampled_weights
-from distill.packed import PackedRows
+from distill.schedule import schedule_from_config
+from distill.trainer import default_num_steps, run_training
+from evaluation.anneal_report import evaluate_checkpoints, write_anneal_report
 
-REPORT_JSON = "report.json"
 PHASE_START = "phase_start.json"  # the data position the phase started from
 AVERAGED = "averaged"  # the checkpoint average, published as final/ when its held-out loss is the lower
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -62,8 +64,6 @@ _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.inde
 
 def anneal_steps(main_steps: int, fraction: float) -> int:
     """Steps of an annealing phase that is `fraction` of the total budget after `main_steps` main steps."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"anneal.fraction: must be in (0, 1), got {fraction!r}")
     if main_steps <= 0:
         raise ValueError(f"anneal: the main run has {main_steps} steps; nothing to anneal from")
     return max(1, round(main_steps * fraction / (1.0 - fraction)))
@@ -103,8 +103,6 @@ def _is_checkpoint(folder: Path) -> bool:
 def _start_point(cfg: RunConfig, run_dir: Path, init_from: Path | None,
                  data_manifest: dict[str, Any]) -> tuple[Path, int, float]:
     """(model folder to start from, main-run steps, LR where the main schedule stands)."""
-    from distill.schedule import schedule_from_config
-    from distill.trainer import default_num_steps
 
     train_dir = run_dir / "train"
     if init_from is None:
@@ -166,6 +164,28 @@ def continue_from_checkpoint(checkpoint: Path, out_dir: Path, num_steps: int, lr
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class AnnealPlan:
+    """The phase, derived from the config and the main run (see the module docstring)."""
+
+    start: Path  # the trainer checkpoint or HF folder the phase starts from
+    main_steps: int
+    start_lr: float
+    num_steps: int
+    main_weights: dict[str, float]
+    weights: dict[str, float]  # main weights × anneal.upsample, renormalised
+    save_at: list[int]  # the steps whose checkpoints are averaged
+
+
+def plan_phase(cfg: RunConfig, run_dir: Path, init_from: Path | None, data_manifest: dict[str, Any]) -> AnnealPlan:
+    start, main_steps, start_lr = _start_point(cfg, run_dir, init_from, data_manifest)
+    num_steps = anneal_steps(main_steps, cfg.anneal.fraction)
+    main_weights = domain_weights(cfg, data_manifest)
+    return AnnealPlan(start, main_steps, start_lr, num_steps, main_weights,
+                      upsampled_weights(main_weights, cfg.anneal.upsample),
+                      checkpoint_steps(num_steps, cfg.anneal.num_checkpoints, cfg.anneal.average_window))
+
+
 def anneal(cfg: RunConfig, run_dir: Path, init_from: Path | None = None) -> Path:
     """The `anneal` stage → `RUN/anneal/` (checkpoints/, final/, report.md/.png/.json, metrics, manifest).
 
@@ -173,61 +193,61 @@ def anneal(cfg: RunConfig, run_dir: Path, init_from: Path | None = None) -> Path
     checkpoint). Resumes an interrupted phase; returns at once if the stage is complete."""
     from accelerate import PartialState
 
-    from distill.trainer import run_training
-
     run_dir = Path(run_dir)
     out_dir = run_dir / "anneal"
     if is_complete(out_dir, "anneal"):
         return out_dir
-    acfg = cfg.anneal
-    data_dir = run_dir / "data"
-    data_manifest = read_manifest(data_dir, "data")
-    start, main_steps, start_lr = _start_point(cfg, run_dir, init_from, data_manifest)
-    num_steps = anneal_steps(main_steps, acfg.fraction)
-    main_weights = domain_weights(cfg, data_manifest)
-    weights = upsampled_weights(main_weights, acfg.upsample)
-    save_at = checkpoint_steps(num_steps, acfg.num_checkpoints, acfg.average_window)
+    data_manifest = read_manifest(run_dir / "data", "data")
+    plan = plan_phase(cfg, run_dir, init_from, data_manifest)
     state = PartialState()
-    if _is_checkpoint(start) and state.is_main_process:
-        continue_from_checkpoint(start, out_dir, num_steps, start_lr)
+    if _is_checkpoint(plan.start) and state.is_main_process:
+        continue_from_checkpoint(plan.start, out_dir, plan.num_steps, plan.start_lr)
     state.wait_for_everyone()
-    print(f"anneal: {num_steps} steps after {main_steps} main steps (fraction {acfg.fraction}), LR {start_lr:.3g} → 0, "
-          f"weights {_fmt_weights(main_weights)} → {_fmt_weights(weights)}, checkpoints at {save_at}")
-    run_training(cfg, run_dir, out_dir=out_dir, init_from=start, weights=weights, num_steps=num_steps,
-                 lr_at=linear_to_zero(start_lr, num_steps), save_at=set(save_at))
-
+    print(f"anneal: {plan.num_steps} steps after {plan.main_steps} main steps (fraction {cfg.anneal.fraction}), "
+          f"LR {plan.start_lr:.3g} → 0, weights {_fmt_weights(plan.main_weights)} → {_fmt_weights(plan.weights)}, "
+          f"checkpoints at {plan.save_at}")
+    run_training(cfg, run_dir, out_dir=out_dir, init_from=plan.start, weights=plan.weights,
+                 num_steps=plan.num_steps, lr_at=linear_to_zero(plan.start_lr, plan.num_steps),
+                 save_at=set(plan.save_at))
     if state.is_main_process:
-        checkpoints = [checkpoint_dir(out_dir, s) for s in save_at]
-        averaged = acfg.average and len(checkpoints) > 1
-        if averaged:
-            avg_weights = ema_weights(len(checkpoints), acfg.ema_decay) if acfg.ema_decay > 0 else None
-            # run_training's final/ has the tokenizer (checkpoints hold weights and config only).
-            average_checkpoints(checkpoints, out_dir / AVERAGED, weights=avg_weights, tokenizer_from=out_dir / "final")
-        mix = phase_mix(cfg, data_dir, data_manifest, out_dir, weights, checkpoints[-1])
-        print(f"anneal: realised mix {_fmt_weights(mix)} (target {_fmt_weights(weights)}, "
-              f"max deviation {mix_error(mix, weights):.3f})")
-        models = {"before": start, **{f"step {s}": p for s, p in zip(save_at, checkpoints, strict=True)}}
-        if averaged:
-            models["averaged"] = out_dir / AVERAGED
-        report = evaluate_models(cfg, data_dir, models)
-        report["final_choice"] = choose_final(report) if averaged else {"chosen": "last", "reason": "no average"}
-        if averaged:
-            _install_final(report["final_choice"], checkpoints[-1], out_dir)
-        report.update(main_steps=main_steps, num_steps=num_steps, start_lr=start_lr, weights=weights,
-                      main_weights=main_weights, realised_mix=mix, objective=cfg.train.objective)
-        write_report(report, out_dir)
-        inputs = {"data": data_dir}
-        if init_from is None:
-            inputs["train"] = run_dir / "train"
-        if cfg.train.objective == "kd" and cfg.train.teacher_source == "offline":
-            inputs["logits"] = run_dir / "logits"
-        write_manifest(out_dir, "anneal", config=to_dict(acfg), teacher=data_manifest.get("teacher"),
-                       inputs=inputs, init_from=str(start), main_steps=main_steps, num_steps=num_steps,
-                       start_lr=start_lr, weights=weights, main_weights=main_weights, realised_mix=mix,
-                       checkpoints=[p.name for p in checkpoints], averaged=averaged, final="final",
-                       final_choice=report["final_choice"])
+        _finish(cfg, run_dir, plan, data_manifest, from_train_stage=init_from is None)
     state.wait_for_everyone()
     return out_dir
+
+
+def _finish(cfg: RunConfig, run_dir: Path, plan: AnnealPlan, data_manifest: dict[str, Any],
+            from_train_stage: bool) -> None:
+    """After the loop (main process): the checkpoint average, the realised mix, the report, final/ and the
+    manifest."""
+    out_dir, data_dir = run_dir / "anneal", run_dir / "data"
+    checkpoints = [checkpoint_dir(out_dir, s) for s in plan.save_at]
+    averaged = cfg.anneal.average and len(checkpoints) > 1
+    if averaged:
+        decay = cfg.anneal.ema_decay
+        # run_training's final/ has the tokenizer (checkpoints hold weights and config only).
+        average_checkpoints(checkpoints, out_dir / AVERAGED, weights=ema_weights(len(checkpoints), decay)
+                            if decay > 0 else None, tokenizer_from=out_dir / "final")
+    mix = phase_mix(cfg, data_dir, data_manifest, out_dir, plan.weights, checkpoints[-1])
+    print(f"anneal: realised mix {_fmt_weights(mix)} (target {_fmt_weights(plan.weights)}, "
+          f"max deviation {mix_error(mix, plan.weights):.3f})")
+    models = {"before": plan.start, **{f"step {s}": p for s, p in zip(plan.save_at, checkpoints, strict=True)}}
+    if averaged:
+        models["averaged"] = out_dir / AVERAGED
+    report = evaluate_checkpoints(cfg, data_dir, models)
+    report["final_choice"] = choose_final(report) if averaged else {"chosen": "last", "reason": "no average"}
+    if averaged:
+        _install_final(report["final_choice"], checkpoints[-1], out_dir)
+    summary = {"main_steps": plan.main_steps, "num_steps": plan.num_steps, "start_lr": plan.start_lr,
+               "weights": plan.weights, "main_weights": plan.main_weights, "realised_mix": mix}
+    write_anneal_report({**report, **summary, "objective": cfg.train.objective}, out_dir)
+    inputs = {"data": data_dir}
+    if from_train_stage:
+        inputs["train"] = run_dir / "train"
+    if cfg.train.reads_logit_store:
+        inputs["logits"] = run_dir / "logits"
+    write_manifest(out_dir, "anneal", config=to_dict(cfg.anneal), teacher=data_manifest.get("teacher"),
+                   inputs=inputs, init_from=str(plan.start), **summary, checkpoints=[p.name for p in checkpoints],
+                   averaged=averaged, final="final", final_choice=report["final_choice"])
 
 
 def choose_final(report: dict[str, Any]) -> dict[str, Any]:
@@ -252,8 +272,6 @@ def _install_final(choice: dict[str, Any], last_checkpoint: Path, out_dir: Path)
     """Make `out_dir/final` the chosen model: the averaged folder, or the last checkpoint's weights and
     config with the tokenizer. Rebuilt from its source every time, so a stage resumed after a crash here
     ends with the same final/ whichever it held before."""
-    from distill.averaging import TOKENIZER_FILES
-
     averaged = out_dir / AVERAGED
     with atomic_dir(out_dir / "final") as tmp:
         if choice["chosen"] == "averaged":
@@ -282,130 +300,3 @@ def phase_mix(cfg: RunConfig, data_dir: Path, data_manifest: dict[str, Any], out
 
 def _fmt_weights(weights: dict[str, float]) -> str:
     return "{" + ", ".join(f"{d}: {w:.2f}" for d, w in weights.items()) + "}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Per-domain held-out evaluation and the report
-# ---------------------------------------------------------------------------------------------------
-
-
-def evaluate_models(cfg: RunConfig, data_dir: Path, models: dict[str, Path]) -> dict[str, Any]:
-    """Per-domain held-out loss (mean NLL per target token, nats) and KL(teacher ‖ student) (nats/token)
-    of each model folder, on `data_dir/heldout.safetensors`, against the run's teacher.
-
-    Returns {"domains": [...], "tokens": {domain: n}, "models": {name: {domain: {"loss", "kl"}}}}."""
-    import torch
-
-    from evaluation.intrinsic import HeldOut, intrinsic_metrics, load_heldout
-    from teachers.resolve import load_model, resolve_teacher
-
-    heldout = load_heldout(Path(data_dir) / "heldout.safetensors")
-    subsets = {}
-    for j, domain in enumerate(heldout.domains):
-        sel = heldout.domain == j
-        if bool(sel.any()):
-            subsets[domain] = HeldOut(heldout.input_ids[sel], heldout.position_ids[sel], heldout.loss_mask[sel],
-                                      torch.zeros(int(sel.sum()), dtype=torch.long), [domain])
-    if not subsets:
-        raise ArtifactError(f"{data_dir}/heldout.safetensors: no held-out rows to evaluate on")
-    device = cfg.teacher.device if cfg.teacher.backend == "transformers" else "auto"
-    teacher = load_model(resolve_teacher(cfg.teacher.model, cfg.teacher.revision), device=device)
-    teacher_hidden: dict[str, dict] = {d: {} for d in subsets}  # the teacher runs once per domain
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    tokens: dict[str, int] = {}
-    for name, folder in models.items():
-        model = load_model(folder, device=device)
-        results[name] = {}
-        for domain, sub in subsets.items():
-            metrics, n = intrinsic_metrics(model, teacher, sub, batch_size=cfg.eval.batch_size,
-                                           teacher_hidden=teacher_hidden[domain])
-            results[name][domain] = {"loss": math.log(metrics[f"ppl_{domain}"]), "kl": metrics["kl_to_teacher"]}
-            tokens[domain] = n
-        del model
-    return {"domains": list(subsets), "tokens": tokens, "models": results,
-            "model_paths": {k: str(v) for k, v in models.items()}}
-
-
-def choice_sentence(choice: dict[str, Any]) -> str:
-    """One Markdown sentence: which model final/ is and by how much its held-out loss is lower."""
-    chosen, other = ("averaged", "last") if choice["chosen"] == "averaged" else ("last", "averaged")
-    names = {"averaged": "the checkpoint average", "last": f"the last checkpoint ({choice['last']})"}
-    return (f"**final/ = {names[chosen]}**: held-out loss {choice['loss'][chosen]:.4f} nats/token vs "
-            f"{choice['loss'][other]:.4f} for {names[other]} ({abs(choice['delta']):.4f} lower), chosen on the "
-            "in-distribution held-out rows, never on benchmark scores.")
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    domains = report["domains"]
-    lines = [
-        "# Annealing report",
-        "",
-        f"{report.get('num_steps', '?')} annealing steps after {report.get('main_steps', '?')} main steps, "
-        f"objective `{report.get('objective', '?')}`, LR {report.get('start_lr', 0):.3g} → 0 (linear).",
-        "",
-        "Domain weights: " + ", ".join(
-            f"{d} {report.get('main_weights', {}).get(d, 0):.2f} → {report.get('weights', {}).get(d, 0):.2f}"
-            for d in domains) + "; realised over the phase: " + ", ".join(
-            f"{d} {report.get('realised_mix', {}).get(d, 0):.2f}" for d in domains) + ".",
-        "",
-        "Held-out loss (nats/token, lower is better) and KL(teacher ‖ student) (nats/token) per domain; "
-        "held-out tokens: " + ", ".join(f"{d} {report['tokens'][d]}" for d in domains) + ".",
-        "",
-        "| model | " + " | ".join(f"loss {d}" for d in domains) + " | " + " | ".join(f"KL {d}" for d in domains) + " |",
-        "|---" * (1 + 2 * len(domains)) + "|",
-    ]
-    for name, per in report["models"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{per[d]['loss']:.4f}" for d in domains) + " | "
-                     + " | ".join(f"{per[d]['kl']:.4f}" for d in domains) + " |")
-    models = report["models"]
-    if "averaged" in models:
-        last = [name for name in models if name.startswith("step ")][-1]
-        delta = {d: models["averaged"][d]["loss"] - models[last][d]["loss"] for d in domains}
-        overall = sum(delta[d] * report["tokens"][d] for d in domains) / sum(report["tokens"][d] for d in domains)
-        lines += ["", f"Averaged − last checkpoint ({last}), held-out loss: "
-                  + ", ".join(f"{d} {delta[d]:+.4f}" for d in domains) + f"; all tokens {overall:+.4f} nats/token."]
-        if overall > 0:
-            # An average lags a model that is still improving fast (benchmarks/annealing.py: short vs long main runs).
-            lines.append("Averaging did worse than the last checkpoint: the model was still improving fast during "
-                         "the phase, so the average lags behind it. It pays once the main run has levelled off: "
-                         "train longer, or narrow `anneal.average_window`, or set `anneal.average: false`.")
-    if "loss" in report.get("final_choice", {}):
-        lines += ["", choice_sentence(report["final_choice"])]
-    return "\n".join(lines) + "\n"
-
-
-def plot_report(report: dict[str, Any], path: Path) -> None:
-    """Grouped bars: per domain, the loss and KL of each evaluated model."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    domains, names = report["domains"], list(report["models"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    x = np.arange(len(domains))
-    width = 0.8 / len(names)
-    for ax, key, title in ((axes[0], "loss", "held-out loss (nats/token)"), (axes[1], "kl", "KL(teacher ‖ student)")):
-        for i, name in enumerate(names):
-            vals = [report["models"][name][d][key] for d in domains]
-            ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
-        ax.set_xticks(x, domains)
-        ax.set_title(title)
-        low = min(report["models"][n][d][key] for n in names for d in domains)
-        ax.set_ylim(bottom=max(0.0, low * 0.9))  # differences are small relative to the values
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-
-
-def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / REPORT_JSON, report)
-    atomic_write_text(out_dir / "report.md", report_markdown(report))
-    plot_report(report, out_dir / "report.png")

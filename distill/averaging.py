@@ -22,10 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distill.artifacts import atomic_dir, atomic_write_json
+from core.artifacts import TOKENIZER_FILES, atomic_dir, atomic_write_json
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 # Config keys that record how or where a model was saved, not what it computes.
 _CONFIG_IGNORED = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
 
@@ -108,7 +106,8 @@ def average_checkpoints(paths: list[Path], out_dir: Path, *, weights: list[float
     if weights is None:
         weights = [1.0] * len(paths)
     if len(weights) != len(paths) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise AveragingError(f"average: weights {weights} must be {len(paths)} non-negative numbers with a positive sum")
+        raise AveragingError(f"average: weights {weights} must be {len(paths)} non-negative numbers with a "
+                             "positive sum")
     norm = [w / sum(weights) for w in weights]
 
     reference = paths[0]

@@ -20,9 +20,18 @@ import re
 import sys
 from pathlib import Path
 
-from distill.artifacts import ArtifactError
-from distill.config import InputError, load_config
+from core.artifacts import ArtifactError
+from core.config import EvalConfig, InputError, load_config
+from distill import pipeline
+from distill.averaging import average_checkpoints
+from distill.heldout import default_heldout
 from distill.pipeline import STAGE_NAMES
+from distill.verify import verify_run
+from evaluation.suite import eval_cli
+from students.configs import print_sizes
+from students.publish import publish
+from teachers.ray_capture import capture_with_ray
+from teachers.resolve import resolve_teacher
 
 STAGE_VERBS = ("data", "synth", "capture", "student", "train", "anneal")
 
@@ -109,9 +118,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from distill import pipeline
-
-
     if args.verb == "run":
         cfg = load_config(args.config, args.overrides)
         pipeline.run_all(cfg, args.output_dir, stop_after=args.stop_after, rerun=set(args.rerun),
@@ -121,35 +127,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         runner = None
         if args.verb == "capture" and args.workers is not None:
-            from teachers.ray_capture import capture_with_ray
-
             def runner(cfg, run_dir):
                 return capture_with_ray(cfg, run_dir, args.workers)
 
         print(pipeline.run_stage(args.verb, cfg, args.output_dir, rerun=set(args.rerun), runner=runner))
         return 0
     if args.verb == "verify":
-        from distill.verify import verify_run
-
         return verify_run(args.run_dir)
     if args.verb == "eval":
         return _eval(args)
     if args.verb == "publish":
-        from students.publish import publish
-
         run_dir = args.run_dir or args.output_dir
         if run_dir is None:
             raise InputError("publish: give RUN_DIR or --output-dir")
         print(publish(run_dir, args.out_dir, push_to_hub=args.push_to_hub, verify_vllm=args.verify_vllm))
         return 0
     if args.verb == "average":
-        from distill.averaging import average_checkpoints
-
         print(average_checkpoints(args.checkpoints, args.output))
         return 0
     if args.verb == "sizes":
-        from students.configs import print_sizes
-
         print_sizes(args.teacher)
         return 0
     raise AssertionError(args.verb)
@@ -159,8 +155,6 @@ def _eval(args: argparse.Namespace) -> int:
     first = Path(args.targets[0])
     tasks = args.tasks.split(",") if args.tasks else None
     if first.suffix in (".yaml", ".yml"):
-        from distill import pipeline
-
         overrides = args.targets[1:] + args.overrides
         if tasks:
             overrides.append(f"eval.tasks=[{','.join(tasks)}]")
@@ -173,10 +167,12 @@ def _eval(args: argparse.Namespace) -> int:
         raise InputError(f"eval: overrides {args.overrides} apply to a run's CONFIG, not to model folders")
     if not args.teacher:
         raise InputError("eval: evaluating model folders needs --teacher (an embedded alias, folder or hub id)")
-    from evaluation.suite import eval_cli
 
+    tasks = tasks or EvalConfig().tasks
+    # Plain folders have no run data: the built-in corpora's held-out split, in the teacher's tokenizer.
+    heldout = default_heldout(resolve_teacher(args.teacher)) if "intrinsic" in tasks else None
     eval_cli(args.targets, args.teacher, tasks, 20 if args.limit is None else args.limit, args.output_dir,
-             generation_backend=args.generation_backend)
+             generation_backend=args.generation_backend, heldout=heldout)
     return 0
 
 

@@ -30,7 +30,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import sysconfig
@@ -40,12 +39,12 @@ from fractions import Fraction
 from importlib import metadata, util
 from pathlib import Path
 
-from distill.artifacts import atomic_write_json
-from distill.config import InputError
+from core.artifacts import atomic_write_json, cache_root
+from core.config import InputError
+from core.records import HELDOUT_EVERY
 
 DOMAINS = ("general", "math", "code")
 SPLITS = ("train", "heldout")
-HELDOUT_BUCKETS = 20  # one document (file) in 20 is held out
 DEFAULT_MAX_CHARS = 4_000_000  # per split; downstream tokenizes every returned document
 CORPUS_VERSION = 1  # bump when the extraction below changes, to invalidate caches
 
@@ -76,10 +75,9 @@ def builtin_corpus(domain: str, split: str, max_chars: int | None = DEFAULT_MAX_
     return out
 
 
-def cache_dir() -> Path:
-    """Where parsed corpora are cached: `$DISTILL_CACHE/corpora`, default `~/.cache/distill/corpora`."""
-    root = os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill"
-    return Path(root) / "corpora"
+def corpora_cache_dir() -> Path:
+    """Where parsed corpora are cached: `cache_root()/corpora`."""
+    return cache_root() / "corpora"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,7 +90,7 @@ def _digest(key: str) -> str:
 
 
 def _is_heldout(key: str) -> bool:
-    return int(_digest("heldout:" + key)[:8], 16) % HELDOUT_BUCKETS == 0
+    return int(_digest("heldout:" + key)[:8], 16) % HELDOUT_EVERY == 0
 
 
 def _split(items: Iterator[tuple[str, str]]) -> dict[str, list[str]]:
@@ -126,7 +124,7 @@ def _load(domain: str) -> dict[str, list[str]]:
         "math": lambda: f"rg-{_version('reasoning-gym')}-champ-{_version('champ-dataset')}",
         "code": lambda: f"py-{sys.version_info[0]}.{sys.version_info[1]}-{_digest(_stdlib_root().as_posix())[:8]}",
     }[domain]()
-    path = cache_dir() / f"{domain}-v{CORPUS_VERSION}-{fingerprint}.json"
+    path = corpora_cache_dir() / f"{domain}-v{CORPUS_VERSION}-{fingerprint}.json"
     if path.is_file():
         try:
             cached = json.loads(path.read_text())

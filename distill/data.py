@@ -5,15 +5,16 @@ Each source contributes `train_tokens × weight / Σweights` tokens to the train
 rows) and `heldout_sequences_per_domain` rows per domain to the held-out set, drawn from a split of the
 source that never overlaps its training text (every 20th document, in the source's own order). Documents
 are packed back to back, each followed by EOS; `position_ids` restart at 0 at every document start so that
-downstream models keep documents apart (see distill/packing.py). Rows never mix sources, so every row has
+downstream models keep documents apart (see core/packing.py). Rows never mix sources, so every row has
 one domain.
 
 Scale: a source is read as a stream (JSONL line by line, text files one at a time, `datasets` memory-mapped
 or `streaming=True`) and cut into *chunks* of consecutive documents of about `data.shard_chars`
 characters. A chunk is the unit of work: it is shuffled (seeded by source and chunk index), tokenized
-and packed (up to the source's whole budget: no chunk needs more rows than that) and written as one shard file (distill/packed.py) by one of `data.num_proc` worker processes, so a
-shard's bytes are a function of its chunk alone. The main process keeps at most `num_proc + 1` chunks in
-flight, so memory does not grow with the token budget; reading stops once the source's budget is filled.
+and packed (up to the source's whole budget: no chunk needs more rows than that) and written as one shard
+file (core/packed.py) by one of `data.num_proc` worker processes, so a shard's bytes are a function of
+its chunk alone. The main process keeps at most `num_proc + 1` chunks in flight, so memory does not
+grow with the token budget; reading stops once the source's budget is filled.
 
 Resume: the stage builds in `RUN/.data.partial/`, recording each finished shard (sha256) in
 `progress.json`; a rerun after a crash (even `kill -9`) recomputes only unrecorded shards and produces the
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from distill.artifacts import (
+from core.artifacts import (
     ArtifactError,
     atomic_write_json,
     is_complete,
@@ -49,10 +50,13 @@ from distill.artifacts import (
     tokenizer_hash,
     write_manifest,
 )
-from distill.config import InputError, RunConfig, SourceConfig, to_dict
-from distill.packed import FIELDS, PackedRows, write_packed_shard
+from core.config import InputError, RunConfig, SourceConfig, to_dict
+from core.packed import FIELDS, PackedRows, write_packed_shard
+from core.records import HELDOUT_EVERY, model_vocab_size
+from distill.corpora import builtin_corpus
+from synth_data.sft import chat_to_training_ids
+from teachers.resolve import load_tokenizer, resolve_teacher, teacher_identity
 
-HELDOUT_EVERY = 20  # document i of a user source is held out when i % 20 == 0
 PROGRESS = "progress.json"
 PARTIAL = ".data.partial"
 _CHUNK_SEED_STRIDE = 1_000_003  # chunk j of a source is shuffled with Random(seed + stride·j)
@@ -79,8 +83,6 @@ def _in_split(index: int, split: str) -> bool:
 def _stream(src: SourceConfig, split: str, run_dir: Path) -> Iterator[Any]:
     """The raw documents of one source split, in the source's order, read lazily."""
     if src.kind == "builtin":
-        from distill.corpora import builtin_corpus
-
         yield from builtin_corpus(src.domain, split)  # split by the corpus's own hash rule
         return
     raw = {"jsonl": _jsonl_texts, "text_files": _file_texts, "hf": _hf_texts, "synth": _synth_chats}[src.kind]
@@ -145,7 +147,8 @@ def _synth_chats(src: SourceConfig, run_dir: Path) -> Iterator[list[dict]]:
 
     folder = Path(src.path) if src.path else Path(run_dir) / "synth"
     if not is_complete(folder, "synth"):
-        raise ArtifactError(f"data source {src.name!r}: {folder} is not a completed synth artifact (run `distill synth`)")
+        raise ArtifactError(f"data source {src.name!r}: {folder} is not a completed synth artifact "
+                            "(run `distill synth`)")
     for batch in datasets.load_from_disk(str(folder / "dataset")).iter(batch_size=256):
         yield from batch["messages"]
 
@@ -175,7 +178,6 @@ def _init_worker(teacher_dir: str) -> None:
     """Load the tokenizer once per process (also in the main process for `num_proc = 1`)."""
     global _TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: num_proc is the parallelism
-    from teachers.resolve import load_tokenizer
 
     _TOKENIZER = load_tokenizer(Path(teacher_dir))
 
@@ -183,8 +185,6 @@ def _init_worker(teacher_dir: str) -> None:
 def _tokenize(docs: list[Any]) -> Iterator[Document]:
     tok = _TOKENIZER
     if docs and not isinstance(docs[0], str):
-        from synth_data.sft import chat_to_training_ids
-
         for messages in docs:
             ids, mask = chat_to_training_ids(messages, tok)
             yield Document(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8))
@@ -364,7 +364,6 @@ def _reopen_if_damaged(out: Path, partial: Path) -> bool:
 
 def build_data(cfg: RunConfig, run_dir: Path) -> Path:
     """The `data` stage. Returns RUN/data; returns at once if it is already complete and verifies."""
-    from teachers.resolve import load_tokenizer, resolve_teacher, teacher_identity
 
     run_dir = Path(run_dir)
     out, partial = run_dir / "data", run_dir / PARTIAL
@@ -374,7 +373,7 @@ def build_data(cfg: RunConfig, run_dir: Path) -> Path:
     teacher_dir = resolve_teacher(cfg.teacher.model, cfg.teacher.revision)
     _init_worker(str(teacher_dir))
     tokenizer = load_tokenizer(teacher_dir)
-    vocab_size = json.loads((teacher_dir / "config.json").read_text())["vocab_size"]
+    vocab_size = model_vocab_size(teacher_dir)
     settings = {k: v for k, v in to_dict(dcfg).items() if k != "num_proc"}  # num_proc does not change the rows
     progress = _resume(partial, sha256_json({"data": settings, "tokenizer": tokenizer_hash(tokenizer)}))
 
@@ -443,7 +442,7 @@ def _finish(cfg: RunConfig, run_dir: Path, partial: Path, shards: list[dict], he
 
 def load_split(data_dir: Path, split: str = "train") -> dict[str, np.ndarray]:
     """A whole packed split (`train` or `heldout`) as numpy arrays — for small runs and tests; training
-    and capture read rows lazily through `distill.packed.PackedRows`."""
+    and capture read rows lazily through `core.packed.PackedRows`."""
     from safetensors.numpy import load_file
 
     if split == "train":

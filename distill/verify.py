@@ -13,10 +13,11 @@ import json
 import struct
 from pathlib import Path
 
-from distill.artifacts import ArtifactError, is_complete, read_manifest
-from distill.config import load_config
-from distill.packed import PackedRows
+from core.artifacts import ArtifactError, is_complete, read_manifest
+from core.config import load_config
+from core.packed import PackedRows
 from distill.pipeline import STAGES, Stage, describe_change, fingerprint
+from teachers.store import LogitStore
 
 
 class Problem(Exception):
@@ -57,8 +58,6 @@ def _check_files(stage: Stage, run_dir: Path, folder: Path) -> str:
             raise Problem(f"shards {', '.join(bad)} fail their sha256 — {rows.repair}")
         return f"{len(rows)} rows in {len(rows.records)} shards, sha256 verified"
     if stage.name == "capture":
-        from teachers.store import LogitStore
-
         store = LogitStore(folder, verify=True)
         num_train = read_manifest(run_dir / "data", "data")["num_train"]
         if len(store) != num_train:

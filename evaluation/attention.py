@@ -2,7 +2,7 @@
 
 transformers' SDPA path expands grouped K/V heads to one per query head (`repeat_kv`) whenever a padding
 mask is present — always, with left-padded batches — which copies the whole KV cache `groups` times per
-layer and step; on a CPU that copy is a third of decoding time (measured with py-spy on SmolLM2-135M).
+layer and step; on a CPU that copy is a large share of decoding time (a profile of SmolLM2-135M shows it).
 Here the `groups` query heads that share a K/V head are folded into the query-length axis instead:
 query `[B, H, Lq, D]` → `[B, H_kv, groups·Lq, D]`, the mask repeated `groups` times along its query axis,
 one plain SDPA call against the un-copied `[B, H_kv, Lk, D]` keys and values. Same arithmetic, so the

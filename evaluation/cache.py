@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import atomic_write_json, sha256_file, sha256_json
+from core.artifacts import atomic_write_json, cache_root, sha256_file, sha256_json
 
 # What decides a model's outputs: weights, config, tokenizer. Not README/model card/manifests.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
@@ -20,9 +20,7 @@ _IGNORED = {"manifest.json", "README.md", "trainer_state.json"}
 
 
 def eval_cache_dir() -> Path:
-    from teachers.resolve import cache_dir
-
-    return cache_dir() / "eval"
+    return cache_root() / "eval"
 
 
 def _model_files(folder: Path) -> list[Path]:

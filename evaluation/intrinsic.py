@@ -3,7 +3,7 @@ and the speculative-decoding acceptance rate α per domain.
 
 The held-out set is the packed format of `RUN/data/heldout.safetensors` (docs/ARCHITECTURE.md): rows of
 several documents whose `position_ids` restart at 0 per document. Both models run with the document-causal
-mask of `distill.packing`, so no token sees another document. A token at column j counts as a target when
+mask of `core.packing`, so no token sees another document. A token at column j counts as a target when
 `loss_mask[j] == 1` and it is not a document's first token (`position_ids[j] != 0`: it would be predicted
 from the previous document); it is predicted from the hidden state at column j − 1.
 
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from distill.packing import document_causal_mask
+from core.packed import read_packed_file
+from core.packing import document_causal_mask, training_positions
 
 
 @dataclass
@@ -45,25 +46,16 @@ class HeldOut:
 
 def load_heldout(path: Path) -> HeldOut:
     """Read a `heldout.safetensors` file; domain names come from the `manifest.json` next to it."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: held-out file not found (run the data stage first)")
-    tensors = load_file(str(path))
-    for key in ("input_ids", "position_ids", "loss_mask", "domain"):
-        if key not in tensors:
-            raise ValueError(f"{path}: missing tensor {key!r} (found {sorted(tensors)})")
+    arrays = {name: torch.from_numpy(a.astype("int64")) for name, a in read_packed_file(path).items()}
     manifest = path.parent / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: missing — needed for the held-out domain names")
     domains = json.loads(manifest.read_text()).get("domains")
     if not domains:
         raise ValueError(f"{manifest}: no 'domains' list")
-    return HeldOut(
-        input_ids=tensors["input_ids"].long(), position_ids=tensors["position_ids"].long(),
-        loss_mask=tensors["loss_mask"].bool(), domain=tensors["domain"].long(), domains=list(domains),
-    )
+    return HeldOut(input_ids=arrays["input_ids"], position_ids=arrays["position_ids"],
+                   loss_mask=arrays["loss_mask"].bool(), domain=arrays["domain"], domains=list(domains))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,9 +97,12 @@ def unit_index(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _targets(ids: torch.Tensor, pos: torch.Tensor, loss_mask: torch.Tensor, units: torch.Tensor) -> _Targets:
-    valid = loss_mask[:, 1:] & (pos[:, 1:] != 0)  # [B, L-1]: column j+1 is a target predicted from column j
-    rows = valid.reshape(-1).nonzero()[:, 0]
-    return _Targets(rows, ids[:, 1:].reshape(-1)[rows], units[:, 1:].reshape(-1)[rows])
+    """The training positions of `[B, L]` rows (core.packing.training_positions: column j predicts the
+    target j + 1), indexed into the `[B·(L−1)]` hidden states of columns 0 … L−2."""
+    select, labels = training_positions(ids, pos, loss_mask)
+    length = ids.shape[1]
+    row, col = select // length, select % length
+    return _Targets(row * (length - 1) + col, labels, units[row, col + 1])
 
 
 @dataclass
@@ -226,7 +221,8 @@ def units_from_sums(sums: UnitSums, domains: list[str], suffix: str = "") -> dic
 
 
 def intrinsic_metrics(student, teacher, heldout: HeldOut, *, batch_size: int = 8, chunk_size: int = 512,
-                      teacher_hidden: dict[tuple[int, int], torch.Tensor] | None = None) -> tuple[dict[str, float], int]:
+                      teacher_hidden: dict[tuple[int, int], torch.Tensor] | None = None
+                      ) -> tuple[dict[str, float], int]:
     """`metrics_from_sums` of `intrinsic_sums`, and the number of target tokens."""
     sums = intrinsic_sums(student, teacher, heldout, batch_size=batch_size, chunk_size=chunk_size,
                           teacher_hidden=teacher_hidden)

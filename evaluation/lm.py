@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+from evaluation.attention import register
+from evaluation.intrinsic import head_logprobs
+from teachers.resolve import load_model, load_tokenizer
+
 HEAD_CHUNK = 512  # target positions per vocabulary projection while scoring
 
 
@@ -38,13 +42,11 @@ class EvalModel:
                  dtype: str = "float32") -> None:
         """`tokenizer_path`: where to read the tokenizer when `path` has none (a training checkpoint holds
         only weights and config; students share the teacher's tokenizer)."""
-        from teachers.resolve import load_model, load_tokenizer
 
         self.path = Path(path)
         self.model = load_model(self.path, dtype=dtype, device=device)
         self.device = next(self.model.parameters()).device
         if self.model.config._attn_implementation == "sdpa" and self.device.type == "cpu":
-            from evaluation.attention import register
 
             # Same outputs as "sdpa" without copying the KV cache per query head (see evaluation/attention.py).
             self.model.set_attn_implementation(register())
@@ -97,7 +99,6 @@ class EvalModel:
 
     def _score_rows(self, rows: list[PackedContinuations], results: list[ContinuationScore | None]) -> None:
         """Score a batch of packed rows (right-padded) into `results` at each continuation's request index."""
-        from evaluation.intrinsic import head_logprobs
 
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

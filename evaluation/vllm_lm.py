@@ -17,14 +17,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from distill.config import TeacherConfig
+from core.artifacts import TOKENIZER_FILES
+from core.config import TeacherConfig
 from evaluation.lm import decode_completion, encode_prompts, tokenizer_folder
+from teachers.resolve import load_tokenizer
+from teachers.vllm_backend import VLLMBackend
 
 
 def _with_tokenizer(model_dir: Path, tokenizer_dir: Path, view: Path) -> Path:
     """`view` filled with links to every file of `model_dir` plus the tokenizer files of `tokenizer_dir`:
     vLLM reads weights and tokenizer from one folder, and a training checkpoint has no tokenizer."""
-    from distill.averaging import TOKENIZER_FILES
 
     for src in model_dir.iterdir():
         if src.is_file():
@@ -41,8 +43,6 @@ class VLLMEvalModel:
     def __init__(self, path: Path, *, engine: TeacherConfig, tokenizer_path: Path | None = None) -> None:
         """`engine`: the vLLM settings (its `model` and `backend` fields are not read). `tokenizer_path`:
         where to read the tokenizer when `path` has none."""
-        from teachers.resolve import load_tokenizer
-        from teachers.vllm_backend import VLLMBackend
 
         self.path = Path(path)
         folder = tokenizer_folder(self.path, tokenizer_path)

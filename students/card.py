@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from distill.config import RunConfig
+from core.config import RunConfig
+from evaluation.report import speculative_markdown
 from students.licensing import LicensePlan
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,7 +69,8 @@ def card_metadata(inp: CardInputs) -> dict[str, Any]:
 
 def _student_section(inp: CardInputs) -> list[str]:
     s = inp.cfg.student
-    lines = ["## Student", "", f"- size: `{s.size}`, initialised {'from the teacher' if s.init == 'teacher' else 'from scratch'}",
+    origin = "from the teacher" if s.init == "teacher" else "from scratch"
+    lines = ["## Student", "", f"- size: `{s.size}`, initialised {origin}",
              f"- parameters: {inp.parameters:,} ({inp.parameters / 1e6:.1f}M)"]
     m = inp.student_manifest or {}
     arch = m.get("architecture")
@@ -114,12 +116,14 @@ def _recipe_section(inp: CardInputs) -> list[str]:
         am = inp.anneal_manifest or {}
         if am.get("num_steps"):
             mix = ", ".join(f"{d} {w:.2f}" for d, w in am.get("weights", {}).items())
-            lines.append(f"  - ran {am['num_steps']} steps from lr {am.get('start_lr')} to 0 with domain weights {mix}; "
+            lines.append(f"  - ran {am['num_steps']} steps from lr {am.get('start_lr')} to 0 "
+                         f"with domain weights {mix}; "
                          f"averaged: {', '.join(am.get('checkpoints', [])) or 'none'}")
     else:
         lines.append("- annealing: none")
     lines.append(f"- published weights: `{inp.final_stage}/final`" + _final_choice(inp.anneal_manifest))
-    lines += ["", "### Data mixture", "", "| source | kind | domain | weight | training tokens |", "|---|---|---|---|---|"]
+    lines += ["", "### Data mixture", "", "| source | kind | domain | weight | training tokens |",
+              "|---|---|---|---|---|"]
     stats = {s["name"]: s for s in (inp.data_manifest or {}).get("sources", [])}
     seq_len = (inp.data_manifest or {}).get("seq_len", cfg.data.seq_len)
     for src in cfg.data.sources:
@@ -146,7 +150,6 @@ def _final_choice(anneal_manifest: dict[str, Any] | None) -> str:
 
 def _speculative_section(inp: CardInputs) -> list[str]:
     """Acceptance rate and expected speed-up when the student drafts for the teacher (from the eval report)."""
-    from evaluation.report import speculative_markdown
 
     report = inp.eval_report or {}
     names = list(report.get("speculative", {}))
@@ -166,7 +169,8 @@ def _verification_section(inp: CardInputs) -> list[str]:
     lines = ["## Verification", ""]
     if "transformers" in v:
         f = v["transformers"]
-        lines.append(f"- reloaded with `transformers`: max |Δ logit| vs the trained model {f['max_abs_logit_diff']:.2g} "
+        lines.append("- reloaded with `transformers`: max |Δ logit| vs the trained model "
+                     f"{f['max_abs_logit_diff']:.2g} "
                      f"over {f['tokens']} tokens")
     if "vllm" in v:
         f = v["vllm"]
@@ -199,7 +203,8 @@ def render_card(inp: CardInputs) -> str:
     teacher_id = inp.teacher.get("id")
     teacher_ref = f"[{teacher_id}](https://huggingface.co/{teacher_id})" if hub_id(teacher_id) else f"`{teacher_id}`"
     lines += [f"A {inp.parameters / 1e6:.1f}M-parameter LLaMA student distilled from {teacher_ref}. It uses the "
-              f"teacher's tokenizer (hash `{inp.teacher.get('tokenizer_hash')}`, vocab {inp.teacher.get('vocab_size')}) "
+              f"teacher's tokenizer (hash `{inp.teacher.get('tokenizer_hash')}`, "
+              f"vocab {inp.teacher.get('vocab_size')}) "
               "and chat template.", "", "## Gap to the teacher", ""]
     if inp.gap_table:
         lines += [inp.gap_table.rstrip(), ""]

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from core.config import EMBEDDED_TEACHER
+from teachers.resolve import resolve_teacher
+
 
 class StudentSizeError(ValueError):
     """A student size is malformed or does not fit the teacher; the message names the size and field."""
@@ -241,8 +244,6 @@ def print_sizes(teacher: str | None = None) -> None:
     """Print the named sizes with parameter counts for `teacher` (default: the embedded SmolLM2)."""
     from transformers import AutoConfig
 
-    from distill.config import EMBEDDED_TEACHER
-    from teachers.resolve import resolve_teacher
 
     teacher = teacher or EMBEDDED_TEACHER
     t_cfg = AutoConfig.from_pretrained(resolve_teacher(teacher))

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from distill.artifacts import check_compatible, is_complete, read_manifest
-from distill.packed import PackedRows
-from distill.packing import document_causal_mask
+from core.artifacts import check_compatible, is_complete, read_manifest
+from core.packed import PackedRows
+from core.packing import document_causal_mask
 
 # Used when the run has no data stage yet: a few varied sentences (prose, math, code, chat-like).
 BUILTIN_CALIBRATION = [

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from distill.artifacts import atomic_dir, is_complete, write_manifest
-from distill.config import RunConfig, to_dict
+from core.artifacts import atomic_dir, is_complete, write_manifest
+from core.config import RunConfig, to_dict
 from students.configs import StudentSizeError, count_parameters, student_llama_config
 from students.hf_folder import load_generation_config, save_hf_folder
 from students.importance import load_calibration, measure_importance

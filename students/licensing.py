@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import ConfigError, PublishConfig
+from core.config import ConfigError, PublishConfig
 
 # Licences of teachers whose folders carry no model card (the embedded SmolLM2 is converted from a GGUF).
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-": "apache-2.0"}
@@ -121,7 +121,8 @@ def plan_license(cfg: PublishConfig, teacher_id: str, teacher_dir: Path | None, 
                               f"from {teacher_id} to have a name starting with {prefix!r}")
         recased = "Llama" + name[5:]  # a derived name from a lower-case repo id ("llama-3.2-1b-…")
         name = recased if recased.startswith(prefix) else f"{prefix}-{name}"
-    copy_files = [Path(teacher_dir) / f for f in LLAMA_LICENSE_FILES if teacher_dir and (Path(teacher_dir) / f).is_file()]
+    copy_files = [Path(teacher_dir) / f for f in LLAMA_LICENSE_FILES
+                  if teacher_dir and (Path(teacher_dir) / f).is_file()]
     plan = LicensePlan(name=name, license=llama_license, meta_llama_version=version, name_prefix=prefix,
                        built_with=built_with, notice=notice, copy_files=copy_files)
     if not any(p.name.startswith("LICENSE") for p in copy_files):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distill.artifacts import (
+from core.artifacts import (
     MANIFEST,
     ArtifactError,
     atomic_dir,
@@ -30,7 +30,8 @@ from distill.artifacts import (
     tokenizer_hash,
     write_manifest,
 )
-from distill.config import ConfigError, RunConfig, load_config, to_dict
+from core.config import ConfigError, RunConfig, load_config, to_dict
+from evaluation.report import gap_table_markdown
 from students.card import CardInputs, render_card
 from students.configs import count_parameters
 from students.hf_folder import load_generation_config, save_hf_folder
@@ -39,6 +40,11 @@ from students.verify import check_transformers, check_vllm
 from teachers.resolve import load_tokenizer, resolve_teacher
 
 STAGE = "publish"
+
+
+def publish_run(cfg: RunConfig, run_dir: Path) -> Path:
+    """The `publish` stage of `distill run`: `publish` with the run's `publish` section."""
+    return publish(run_dir, cfg=cfg, verify_vllm=cfg.publish.verify_vllm, push_to_hub=cfg.publish.push_to_hub)
 
 
 def publish(run_dir: Path, out_dir: Path | None = None, *, cfg: RunConfig | None = None,
@@ -102,7 +108,6 @@ def _gap_table(cfg: RunConfig, run_dir: Path, final: Path) -> tuple[str | None, 
     if not is_complete(eval_dir, "eval"):
         return None, ("The eval stage has not run for this model, so no measured gap to the teacher is shown "
                       "(run `distill eval` and publish again).")
-    from evaluation.report import gap_table_markdown
 
     report = json.loads((eval_dir / "report.json").read_text())
     students = [n for n, m in report.get("models", {}).items() if m.get("role") == "student"]
@@ -175,7 +180,8 @@ def _build(cfg: RunConfig, run_dir: Path, final: Path, out: Path, inputs: dict[s
     summary = f"max |Δ logit| {verification['transformers']['max_abs_logit_diff']:.2g} (transformers)"
     if "vllm" in verification:
         summary += f", max |Δ log-prob| {verification['vllm']['max_abs_logprob_diff']:.2g} (vLLM)"
-    print(f"publish: {plan.name} ({card.parameters / 1e6:.1f}M parameters, {plan.license}) → {out}; verified: {summary}")
+    print(f"publish: {plan.name} ({card.parameters / 1e6:.1f}M parameters, {plan.license}) → {out}; "
+          f"verified: {summary}")
 
 
 def push_folder(folder: Path, repo: str) -> str:

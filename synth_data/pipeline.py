@@ -15,26 +15,32 @@ Rerunning after a crash (even `kill -9`) continues where the logs end; a complet
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import (
+from core.artifacts import (
     ArtifactError,
     atomic_dir,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     is_complete,
     write_manifest,
 )
-from distill.config import InputError, RunConfig, SynthConfig, to_dict
+from core.config import InputError, RunConfig, SynthConfig, to_dict
+from core.records import model_vocab_size
 from synth_data.decontam import Decontaminator
 from synth_data.filters import exact_duplicates, near_duplicates
 from synth_data.generate import GenerationStats, JsonlLog, generate_samples
 from synth_data.prompts import PromptTask, encode_prompt, load_prompts
 from synth_data.rejection import score_prompt, select
+from synth_data.scorers import RewardModel
+from teachers.backend import make_backend
+from teachers.resolve import load_tokenizer, resolve_teacher, teacher_identity
 
 log = logging.getLogger(__name__)
 STAGE = "synth"
@@ -46,14 +52,13 @@ def synthesize(cfg: RunConfig, run_dir: Path) -> Path:
     out = Path(run_dir) / "synth"
     if is_complete(out, STAGE):
         return out
-    from teachers.resolve import load_tokenizer, resolve_teacher, teacher_identity
 
     scfg = cfg.synth
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_teacher(cfg.teacher.model, cfg.teacher.revision)
     tokenizer = load_tokenizer(model_dir)
-    identity = teacher_identity(cfg.teacher.model, cfg.teacher.revision, tokenizer, _vocab_size(model_dir))
+    identity = teacher_identity(cfg.teacher.model, cfg.teacher.revision, tokenizer, model_vocab_size(model_dir))
     # The backend may change between resumes (e.g. restart a slow transformers run on vLLM): only what
     # decides the distribution of samples has to match.
     _check_resume_state(work, {"synth": to_dict(scfg), "teacher": identity})
@@ -69,10 +74,12 @@ def synthesize(cfg: RunConfig, run_dir: Path) -> Path:
 
     ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in _COLUMNS})
     with atomic_dir(out / "dataset") as tmp:
-        ds.save_to_disk(str(tmp))
+        # An empty dataset needs one (empty) shard file, or `load_from_disk` cannot read it back.
+        ds.save_to_disk(str(tmp), num_shards=1 if not rows else None)
     atomic_write_text(out / "synth.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    ds.to_parquet(str(out / ".synth.parquet.tmp"))
-    (out / ".synth.parquet.tmp").replace(out / "synth.parquet")
+    parquet = io.BytesIO()
+    ds.to_parquet(parquet)
+    atomic_write_bytes(out / "synth.parquet", parquet.getvalue())
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "report.md", render_report(summary))
     write_manifest(out, STAGE, config=to_dict(scfg), teacher=identity, rows=len(rows),
@@ -100,13 +107,6 @@ def _check_resume_state(work: Path, state: dict[str, Any]) -> None:
         return
     atomic_write_json(path, state)
 
-
-def _vocab_size(model_dir: Path) -> int:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if vocab is None:
-        raise InputError(f"{model_dir}/config.json: no vocab_size")
-    return int(vocab)
 
 
 def _prompts(scfg: SynthConfig, work: Path, decontam: Decontaminator | None) -> tuple[list[PromptTask], dict]:
@@ -142,7 +142,6 @@ def _generate(cfg: RunConfig, model_dir: Path, tokenizer: Any, tasks: list[Promp
     samples_log = JsonlLog(work / "samples.jsonl")
     if all(t.id in samples_log.load() for t in tasks):
         return GenerationStats()
-    from teachers.backend import make_backend
 
     scfg = cfg.synth
     prompt_ids = [encode_prompt(t, tokenizer) for t in tasks]
@@ -164,8 +163,6 @@ def _score(cfg: RunConfig, tasks: list[PromptTask], work: Path) -> dict[str, lis
     pending = [t for t in tasks if t.id not in scored]
     reward_model = None
     if scfg.reward_model and any(t.domain == "general" for t in pending):
-        from synth_data.scorers import RewardModel
-
         reward_model = RewardModel(scfg.reward_model, cfg.teacher.device)
     for task in pending:
         result = score_prompt(task, samples[task.id], reward_model=reward_model, min_tokens=scfg.min_response_tokens,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import InputError
+from core.config import InputError
 from synth_data.verifiers import extract_answer
 
 SEEDS_DIR = Path(__file__).resolve().parent / "seeds"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import InputError
+from core.config import InputError
 from teachers.resolve import pick_device
 
 

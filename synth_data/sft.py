@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distill.config import InputError
+from core.config import InputError
 
 
 def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) -> str:
@@ -31,7 +31,8 @@ def chat_to_training_ids(messages: list[dict], tokenizer: Any) -> tuple[list[int
         if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
             raise InputError(f"chat_to_training_ids: messages[{i}] must be {{'role': str, 'content': str}}, got {m!r}")
     if not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"chat_to_training_ids: tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template")
+        name = getattr(tokenizer, "name_or_path", "?")
+        raise InputError(f"chat_to_training_ids: tokenizer {name} has no chat template")
     text = _render(tokenizer, messages, generation_prompt=False)
     spans: list[tuple[int, int]] = []  # [start, end) character spans to train on
     for i, m in enumerate(messages):

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distill.artifacts import (
+from core.artifacts import (
     MANIFEST,
     ArtifactError,
     atomic_write_json,
@@ -47,8 +47,9 @@ from distill.artifacts import (
     tokenizer_hash,
     write_manifest,
 )
-from distill.config import ConfigError, InputError, RunConfig, TeacherConfig, to_dict
-from distill.packed import PackedRows
+from core.config import ConfigError, InputError, RunConfig, TeacherConfig, load_config, to_dict
+from core.packed import PackedRows
+from core.records import model_vocab_size
 from teachers.backend import make_backend
 from teachers.resolve import load_tokenizer, pick_device, resolve_teacher, teacher_identity
 from teachers.store import Codec, shard_name, store_fields, write_shard
@@ -157,7 +158,7 @@ def plan_capture(cfg: RunConfig, run_dir: Path) -> CaptureJob:
     data_manifest = read_manifest(data_dir, "data")
     model_dir = resolve_teacher(cfg.teacher.model, cfg.teacher.revision)
     tokenizer = load_tokenizer(model_dir)
-    vocab_size = teacher_vocab_size(model_dir)
+    vocab_size = model_vocab_size(model_dir)
     check_compatible(data_manifest, tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size,
                      where=data_dir / MANIFEST)
     teacher = teacher_identity(cfg.teacher.model, cfg.teacher.revision, tokenizer, vocab_size)
@@ -179,16 +180,6 @@ def plan_capture(cfg: RunConfig, run_dir: Path) -> CaptureJob:
         "backend": cfg.teacher.backend, "dtype": cfg.teacher.dtype,
     }))
     return CaptureJob(cfg, out, data_dir, rows, model_dir, teacher, codec, num, seq_len, plan, inputs)
-
-
-def teacher_vocab_size(model_dir: Path) -> int:
-    """`config.vocab_size` of an HF folder (the logits' width, which may exceed len(tokenizer))."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text())
-    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    if not isinstance(vocab, int):
-        raise InputError(f"{path}: no integer vocab_size")
-    return vocab
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,7 +367,6 @@ def _take_this_workers_share(cfg: TeacherConfig, world: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m teachers.capture CONFIG RUN_DIR [key=value ...]`: one capture worker, rank and world from env
     RANK / WORLD_SIZE — for `torchrun --nproc-per-node N -m teachers.capture ...` or `accelerate launch`."""
-    from distill.config import load_config
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2:

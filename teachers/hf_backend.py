@@ -3,7 +3,7 @@
 Full-vocabulary float32 logits for a whole batch (B × L × V × 4 bytes: 1.6 GB for 8 rows of 1024 tokens at
 V = 49152, far more for long rows or big vocabularies) are never held at once: the model body runs to hidden
 states, then the lm_head, log_softmax and top-k run on `teacher.topk_chunk_size` positions at a time
-(1024 × 49152 × 4 bytes = 200 MB by default; smaller chunks cost a few % of speed on CPU).
+(1024 × 49152 × 4 bytes = 200 MB by default; smaller chunks trade a little speed for memory).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from distill.config import InputError, TeacherConfig
-from distill.packing import document_attention, document_spans
-from teachers.backend import TAIL_LOGMASS_FLOOR, TopK, cut_at_eos
+from core.config import InputError, TeacherConfig
+from core.packing import document_attention, document_spans
+from core.records import TopK, eos_ids_of
 from teachers.resolve import load_model, load_tokenizer
+from teachers.topk import TAIL_LOGMASS_FLOOR, cut_at_eos
 
 SAFE_EXP_MAX = 60.0  # |logit| below which exp(logit) summed over any vocabulary stays finite in float32
 
@@ -31,8 +32,9 @@ def chunked_topk(hidden: torch.Tensor, head: torch.nn.Module, k: int, chunk_size
     tail and the normaliser (= tail sum + the k top-k terms).
 
     `workspace`: a float32 `[chunk_size, V]` buffer, for a float32 `nn.Linear` head, that the logits are
-    written into. Kept across calls it saves a fresh allocation per chunk, whose page faults cost the CPU
-    about a quarter of the head's matmul time (200 MB per 1024 positions at V = 49152).
+    written into. Kept across calls it saves a fresh allocation per chunk (200 MB per 1024 positions at
+    V = 49152), whose page faults are a sizeable share of the head's matmul time on a CPU
+    (benchmarks/capture_overhead.py measures it).
     """
     ids_out, lp_out, tail_out = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
@@ -89,7 +91,7 @@ def blockwise_topk(logits: torch.Tensor, k: int, block: int = 32) -> tuple[torch
 
 
 class TransformersBackend:
-    """Teacher on transformers: `score` attends within each packed document (`distill.packing.document_attention`),
+    """Teacher on transformers: `score` attends within each packed document (`core.packing.document_attention`),
     `generate` samples with `model.generate`."""
 
     def __init__(self, cfg: TeacherConfig, model_dir: Path):
@@ -118,7 +120,8 @@ class TransformersBackend:
         head = self.model.get_output_embeddings()
         ids, lps, tail = chunked_topk(hidden.reshape(batch * length, -1), head, k, self.cfg.topk_chunk_size,
                                       softcap, self._logits_workspace(head))
-        ids, lps, tail = ids.view(batch, length, k).cpu(), lps.view(batch, length, k).cpu(), tail.view(batch, length).cpu()
+        ids, lps = ids.view(batch, length, k).cpu(), lps.view(batch, length, k).cpu()
+        tail = tail.view(batch, length).cpu()
         return [TopK(ids=ids[b], logprobs=lps[b], tail_logmass=tail[b]) for b in range(batch)]
 
     def _logits_workspace(self, head: torch.nn.Module) -> torch.Tensor | None:
@@ -136,9 +139,7 @@ class TransformersBackend:
         """n completions per prompt, sampled (or greedy at temperature 0), prompts batched with left padding
         `teacher.batch_size` at a time; completions exclude the prompt and stop before the first EOS."""
         eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        eos_ids = eos_ids_of(self.tokenizer.eos_token_id if eos is None else eos, "teacher")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(eos_ids))
         greedy = temperature <= 0.0
         results: list[list[list[int]]] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.config import InputError, RunConfig
+from core.config import InputError, RunConfig
 from teachers.capture import capture, finish_capture
 
 

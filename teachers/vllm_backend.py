@@ -12,6 +12,7 @@ VLLM_CPU_KVCACHE_SPACE, set to 1 GiB here when unset).
 from __future__ import annotations
 
 import gc
+import http.client
 import json
 import os
 import urllib.error
@@ -22,15 +23,9 @@ from typing import Any
 
 import torch
 
-from distill.config import InputError, TeacherConfig
-from teachers.backend import (
-    TopK,
-    assemble_rows,
-    cut_at_eos,
-    document_prompts,
-    eos_token_ids,
-    topk_from_logprob_dicts,
-)
+from core.config import InputError, TeacherConfig
+from core.records import TopK, eos_token_ids
+from teachers.topk import assemble_rows, cut_at_eos, document_prompts, topk_from_logprob_dicts
 
 _SERVER_PROMPTS_PER_REQUEST = 16  # documents per scoring request to the server
 _SERVER_CONCURRENCY = 8  # requests in flight, so the server can batch them
@@ -129,10 +124,14 @@ class VLLMServerBackend:
             with urllib.request.urlopen(req, timeout=600) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as err:
-            raise RuntimeError(f"{self.url}{path}: HTTP {err.code}: {err.read().decode(errors='replace')[:500]}") from None
+            body = err.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"{self.url}{path}: HTTP {err.code}: {body}") from None
         except urllib.error.URLError as err:
             raise RuntimeError(f"{self.url}{path}: cannot reach the vLLM server ({err.reason}); "
                                f"check teacher.server_url") from None
+        except (OSError, http.client.HTTPException) as err:  # the server died while answering
+            raise RuntimeError(f"{self.url}{path}: the vLLM server dropped the connection "
+                               f"({type(err).__name__}: {err})") from None
 
     def score(self, input_ids: torch.Tensor, position_ids: torch.Tensor, k: int) -> list[TopK]:
         _check_k(k, self.cfg)

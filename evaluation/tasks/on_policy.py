@@ -19,9 +19,18 @@ Metrics:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from core.artifacts import tokenizer_hash
+from core.packing import document_causal_mask
+from core.records import eos_ids_of
+from core.sampling import completion_rows, sample_completions
 from evaluation.tasks import EvalContext, Task, TaskResult, register
+from synth_data.prompts import encode_prompt, load_prompts
+from synth_data.verifiers import answers_match, extract_answer
 
 FAMILY = ("reasoning-gym:basic_arithmetic?max_terms=2&min_terms=2&max_digits=1&min_digits=1"
           "&allow_negation=false&allow_parentheses=false&operators=+,-")
@@ -32,15 +41,12 @@ SAMPLE_SEED = 0
 
 def heldout_prompts(limit: int) -> list[Any]:
     """The held-out `PromptTask`s (limit 0: 200 of them)."""
-    from synth_data.prompts import load_prompts
-
     return load_prompts([FAMILY], limit or 200, HELDOUT_SEED)
 
 
 def _eos_ids(model: Any) -> set[int]:
     eos = model.model.generation_config.eos_token_id
-    eos = model.tokenizer.eos_token_id if eos is None else eos
-    return set(eos) if isinstance(eos, list) else {int(eos)}
+    return eos_ids_of(model.tokenizer.eos_token_id if eos is None else eos, str(model.path))
 
 
 @register
@@ -56,11 +62,6 @@ class OnPolicy(Task):
         return {**super().cache_key(ctx), "teacher": ctx.teacher_hash, "batch_size": ctx.batch_size}
 
     def run(self, model: Any, ctx: EvalContext) -> TaskResult:
-        from distill.artifacts import tokenizer_hash
-        from distill.on_policy import reverse_kl_on_samples, sample_completions
-        from synth_data.prompts import encode_prompt
-        from synth_data.verifiers import answers_match, extract_answer
-
         if ctx.teacher is None:
             raise ValueError("on_policy: needs the teacher (EvalContext.teacher)")
         if tokenizer_hash(model.tokenizer) != tokenizer_hash(ctx.teacher.tokenizer):
@@ -90,3 +91,33 @@ class OnPolicy(Task):
         accuracy = sum(d["correct"] for d in details) / len(details)
         return TaskResult(metrics={"kl_to_teacher_on_policy": rkl, "arith_acc": accuracy}, samples=len(details),
                           details=details)
+
+
+@torch.no_grad()
+def reverse_kl_on_samples(student: torch.nn.Module, teacher: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                          completions: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8
+                          ) -> tuple[float, int]:
+    """Σ over completion positions of KL(q_t ‖ p_t) = Σ_v q_t(v) (log q_t(v) − log p_t(v)) over the full
+    vocabulary (float32 log-softmax), q the student, p the teacher, at every position predicting a completion
+    token; returns (sum in nats, number of positions). Both models see the same rows (`completion_rows`)."""
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        ids, pos, select, _ = completion_rows(prompts[start:start + batch_size],
+                                              completions[start:start + batch_size], pad_id)
+        logq = _selected_logprobs(student, ids, pos, select)
+        logp = _selected_logprobs(teacher, ids, pos, select)
+        total += float((logq.exp() * (logq - logp)).sum())
+        count += int(select.numel())
+    return total, count
+
+
+def _selected_logprobs(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor,
+                       select: torch.Tensor) -> torch.Tensor:
+    """log-softmax `[N, V]` (float32) of `model` at the flat positions `select` of rows `ids` `[B, L]`."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    mask = document_causal_mask(pos.to(device), dtype=dtype)
+    hidden = model.get_decoder()(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask,
+                                 use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])[select.to(device)]
+    return torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)

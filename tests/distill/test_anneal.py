@@ -13,6 +13,10 @@ from conftest import make_tiny_llama
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
+from core.artifacts import read_manifest, write_manifest
+from core.checkpoint import checkpoint_dir
+from core.config import from_dict
+from core.packed import write_packed_shard
 from distill.anneal import (
     _install_final,
     anneal,
@@ -20,15 +24,11 @@ from distill.anneal import (
     checkpoint_steps,
     choose_final,
     linear_to_zero,
-    report_markdown,
 )
-from distill.artifacts import read_manifest, write_manifest
-from distill.checkpoint import checkpoint_dir
-from distill.config import from_dict
 from distill.corpora import builtin_corpus
 from distill.data import Document, pack
-from distill.packed import write_packed_shard
 from distill.trainer import read_metrics, train
+from evaluation.anneal_report import report_markdown
 
 SEQ_LEN = 32
 DOMAINS = ["code", "general", "math"]

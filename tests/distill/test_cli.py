@@ -14,7 +14,8 @@ def run_cli(*args):
 
 def test_help_lists_every_verb():
     out = run_cli("--help").stdout
-    for verb in ("run", "data", "synth", "capture", "student", "train", "anneal", "eval", "publish", "average", "sizes"):
+    verbs = ("run", "data", "synth", "capture", "student", "train", "anneal", "eval", "publish", "average", "sizes")
+    for verb in verbs:
         assert verb in out
 
 

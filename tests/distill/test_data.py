@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import load_config
+from core.config import load_config
 from distill.data import Document, build_data, load_split, pack
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,10 +15,10 @@ import datasets
 import numpy as np
 import pytest
 
-from distill.artifacts import ArtifactError, read_manifest
-from distill.config import load_config
+from core.artifacts import ArtifactError, read_manifest
+from core.config import load_config
+from core.packed import PackedRows
 from distill.data import build_data, load_split
-from distill.packed import PackedRows
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("the model reads tokens and learns to predict the next one from a teacher whose logits it matches "
@@ -145,8 +145,8 @@ def test_damaged_shard_is_named_and_repaired_alone(tmp_path, tiny_run_overrides,
 
 
 def test_a_source_edited_in_place_makes_the_data_stale(tmp_path, tiny_run_overrides, corpus):
+    from core.config import InputError
     from distill import pipeline
-    from distill.config import InputError
 
     source_file = tmp_path / "mine.jsonl"
     source_file.write_bytes(corpus.read_bytes())

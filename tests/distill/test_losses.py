@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.records import TopK
 from distill.losses import (
     ForwardKL,
     GeneralizedJSD,
     LossSpec,
     ReverseKL,
     SkewKL,
-    TopK,
     chunked_loss,
     make_divergence,
     naive_full_vocab_loss,

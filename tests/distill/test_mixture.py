@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.config import RunConfig, SourceConfig
+from core.config import RunConfig, SourceConfig
 from distill.mixture import (
     MixtureSampler,
     domain_weights,
@@ -90,7 +90,8 @@ def test_state_is_rank_independent_and_survives_a_world_size_change():
 def test_ranks_are_disjoint_and_cover_the_single_process_stream():
     domains = _domains()
     world = 4
-    per_rank = [MixtureSampler(domains, NAMES, WEIGHTS, seed=9, rank=r, world_size=world).take(50) for r in range(world)]
+    per_rank = [MixtureSampler(domains, NAMES, WEIGHTS, seed=9, rank=r, world_size=world).take(50)
+                for r in range(world)]
     single = MixtureSampler(domains, NAMES, WEIGHTS, seed=9).take(50 * world)
     # Round k hands global draw k*world + r to rank r.
     assert np.array_equal(np.stack(per_rank, axis=1).reshape(-1), single)

@@ -15,21 +15,14 @@ import yaml
 from conftest import make_tiny_llama
 from test_trainer import kill_after_step, run_trainer_cli
 
-from distill.artifacts import read_manifest, sha256_file, write_manifest
-from distill.checkpoint import list_checkpoints
-from distill.config import ConfigError, TeacherConfig, from_dict, to_dict
-from distill.on_policy import (
-    PromptSampler,
-    TeacherUnavailableError,
-    check_served_teacher,
-    completion_rows,
-    encode_training_prompts,
-    keep_through_eos,
-    reverse_kl_on_samples,
-    sample_completions,
-)
-from distill.packed import write_packed_shard
+from core.artifacts import read_manifest, sha256_file, write_manifest
+from core.checkpoint import list_checkpoints
+from core.config import ConfigError, TeacherConfig, from_dict, to_dict
+from core.packed import write_packed_shard
+from core.sampling import completion_rows, keep_through_eos, sample_completions
+from distill.on_policy import PromptSampler, TeacherUnavailableError, check_served_teacher, encode_training_prompts
 from distill.trainer import read_metrics, train
+from evaluation.tasks.on_policy import reverse_kl_on_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ_LEN = 128
@@ -142,11 +135,20 @@ def test_bad_on_policy_settings_are_refused_by_name(tiny_teacher_dir, tmp_path):
                        ({"prompts": []}, "train.prompts"),
                        ({"max_steps": 0}, "train.max_steps"),
                        ({"loss": "sampled_reverse_kl", "on_policy_fraction": 0.5}, "sampled_reverse_kl"),
-                       ({"sample_top_p": 0.0}, "train.sample_top_p")):
+                       ({"sample_top_p": 0.0}, "train.sample_top_p"),
+                       ({"student_generation": "vllm", "vllm_sync_every": 0}, "train.vllm_sync_every: must be > 0"),
+                       ({"vllm_gpu_memory_utilization": 1.5}, "train.vllm_gpu_memory_utilization: must be in"),
+                       ({"student_generation": "vllm", "save_every": 5, "vllm_sync_every": 2},
+                        "train.vllm_sync_every: 2 must divide train.save_every=5"),
+                       ({"vllm_dtype": "int8"}, "train.vllm_dtype")):
         with pytest.raises(ConfigError, match=match):
             from_dict({"train": {**base, **bad}}, "cfg.yaml")
     with pytest.raises(ConfigError, match="needs train.objective=on_policy"):
         from_dict({"train": {"loss": "sampled_reverse_kl"}})
+    with pytest.raises(ConfigError, match="train.student_generation: vllm samples the student's completions of "
+                                          "objective on_policy; train.objective is 'kd'"):
+        from_dict({"train": {"student_generation": "vllm"}})
+    assert from_dict({"train": {**base, "student_generation": "vllm", "save_every": 4, "vllm_sync_every": 2}})
 
     from transformers import AutoTokenizer
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.artifacts import read_manifest
 from distill import cli, pipeline
-from distill.artifacts import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_FOLDERS = {"data": "data", "capture": "logits", "student": "student_init", "train": "train",

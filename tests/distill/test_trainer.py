@@ -17,12 +17,13 @@ import torch
 import yaml
 from conftest import make_tiny_llama
 
-from distill.artifacts import ArtifactError, read_manifest, sha256_file, write_manifest
-from distill.checkpoint import list_checkpoints
-from distill.config import from_dict
-from distill.packed import write_packed_shard
+from core.artifacts import ArtifactError, read_manifest, sha256_file, write_manifest
+from core.checkpoint import list_checkpoints
+from core.config import from_dict
+from core.packed import write_packed_shard
+from core.packing import training_positions
 from distill.schedule import lr_schedule
-from distill.trainer import NonFiniteLossError, read_metrics, run_training, train, training_positions
+from distill.trainer import NonFiniteLossError, read_metrics, run_training, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ_LEN = 32
@@ -163,7 +164,7 @@ def test_refuses_store_or_teacher_with_another_tokenizer(tmp_path, tiny_teacher_
 
 
 def _write_config(cfg, path: Path) -> None:
-    from distill.config import to_dict
+    from core.config import to_dict
 
     path.write_text(yaml.safe_dump(to_dict(cfg)))
 

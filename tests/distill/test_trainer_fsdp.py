@@ -17,8 +17,8 @@ import torch
 from test_trainer import ROOT, _write_config, make_run
 from transformers import AutoModelForCausalLM
 
-from distill.artifacts import read_manifest
-from distill.checkpoint import list_checkpoints
+from core.artifacts import read_manifest
+from core.checkpoint import list_checkpoints
 from distill.trainer import read_metrics
 
 STEPS = 12

@@ -10,8 +10,8 @@ import torch
 from conftest import make_tiny_llama
 from eval_helpers import write_heldout
 
-from distill.artifacts import is_complete, read_manifest, write_manifest
-from distill.config import load_config
+from core.artifacts import is_complete, read_manifest, write_manifest
+from core.config import load_config
 from evaluation.cache import model_hash
 from evaluation.lm import EvalModel, truncate_at_stop
 from evaluation.suite import EvalIncomplete, eval_cli, evaluate_models, evaluate_run
@@ -175,7 +175,8 @@ def test_failed_task_leaves_the_stage_incomplete_until_it_succeeds(tiny_teacher_
 
     with monkeypatch.context() as m:
         m.setattr(OlmoChoiceTask, "items", unreadable)
-        with pytest.raises(EvalIncomplete, match=r"student / arc_easy: OSError: benchmark file unreadable.*distill eval"):
+        failed = r"student / arc_easy: OSError: benchmark file unreadable.*distill eval"
+        with pytest.raises(EvalIncomplete, match=failed):
             evaluate_run(cfg, run)
     assert not is_complete(run / "eval", "eval")
     report = json.loads((run / "eval" / "report.json").read_text())
@@ -210,7 +211,7 @@ def test_new_inputs_invalidate_the_eval_stage(tiny_teacher_dir, smollm2_dir, tmp
 
 @torch.inference_mode()
 def test_grouped_attention_matches_stock_sdpa(tiny, tiny_teacher_dir):
-    from distill.packing import document_causal_mask
+    from core.packing import document_causal_mask
     from teachers.resolve import load_model
 
     assert tiny.model.config._attn_implementation == "grouped_sdpa"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_llama
 
-from distill.artifacts import read_manifest, write_manifest
-from distill.config import ConfigError, TeacherConfig, load_config
+from core.artifacts import read_manifest, write_manifest
+from core.config import ConfigError, TeacherConfig, load_config
 from evaluation.lm import EvalModel
 from evaluation.suite import evaluate_run
 from evaluation.tasks import EvalContext, get_task

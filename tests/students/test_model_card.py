@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from distill.config import ConfigError, PublishConfig, load_config
+from core.config import ConfigError, PublishConfig, load_config
 from students.card import CardInputs, render_card
 from students.licensing import plan_license
 
@@ -26,7 +26,8 @@ def test_derived_llama_name_is_recased_or_prefixed():
     assert plan_license(PublishConfig(), "meta-llama/llama-3.2-1b", None, "x").name == "Llama-3.2-1b-distilled-x"
     # A meta-llama repo with no version in its name (and no model card to read it from) gets the strictest
     # rules, those of Llama 3: the prefix "Llama-3" is added.
-    assert plan_license(PublishConfig(), "meta-llama/CodeLlama-7b", None, "x").name == "Llama-3-CodeLlama-7b-distilled-x"
+    plan = plan_license(PublishConfig(), "meta-llama/CodeLlama-7b", None, "x")
+    assert plan.name == "Llama-3-CodeLlama-7b-distilled-x"
 
 
 def test_unknown_teacher_licence_is_other_with_a_warning():
@@ -41,7 +42,8 @@ def test_card_with_annealing_and_llama_notices():
     plan = plan_license(PublishConfig(), TEACHER["id"], None, "prune-8l")
     text = render_card(CardInputs(name=plan.name, cfg=cfg, license=plan, teacher=TEACHER, parameters=1_000_000,
                                   final_stage="anneal", gap_note="no eval yet",
-                                  anneal_manifest={"num_steps": 5, "start_lr": 1e-4, "weights": {"math": 0.6, "general": 0.4},
+                                  anneal_manifest={"num_steps": 5, "start_lr": 1e-4,
+                                                   "weights": {"math": 0.6, "general": 0.4},
                                                    "checkpoints": ["step-000004", "step-000005"]}))
     meta = yaml.safe_load(text.split("---", 2)[1])
     assert meta["base_model"] == TEACHER["id"] and meta["license"] == "llama3" and "llama-3" in meta["tags"]
@@ -49,7 +51,8 @@ def test_card_with_annealing_and_llama_notices():
     assert "**Built with Meta Llama 3**" in text and "> no eval yet" in text
     assert "loss jsd (β = 0.3)" in text and "top-32" in text
     assert "annealing: last 20% of the token budget with upsampling math ×3.0; uniform average of 4 checkpoints" in text
-    assert "ran 5 steps from lr 0.0001 to 0 with domain weights math 0.60, general 0.40; averaged: step-000004, step-000005" in text
+    assert ("ran 5 steps from lr 0.0001 to 0 with domain weights math 0.60, general 0.40; "
+            "averaged: step-000004, step-000005") in text
     assert "published weights: `anneal/final`" in text
     assert "Meta Llama 3 is licensed under the Meta Llama 3 Community License" in text
 

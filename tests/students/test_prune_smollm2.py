@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.config import load_config
+from core.config import load_config
 from students.configs import STUDENT_SIZES, StudentSize
 from students.init import init_student
 from students.verify import VERIFY_TEXTS

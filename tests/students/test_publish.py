@@ -10,8 +10,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.artifacts import ArtifactError, manifest_hash, read_manifest, write_manifest
-from distill.config import ConfigError, load_config, save_config, to_dict
+from core.artifacts import ArtifactError, manifest_hash, read_manifest, write_manifest
+from core.config import ConfigError, load_config, save_config, to_dict
 from evaluation.report import compute_gaps
 from students.init import init_student
 from students.licensing import meta_llama_version

@@ -9,9 +9,9 @@ import torch
 from conftest import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.artifacts import ArtifactError, read_manifest, write_manifest
-from distill.config import load_config
-from distill.packed import write_packed_shard
+from core.artifacts import ArtifactError, read_manifest, write_manifest
+from core.config import load_config
+from core.packed import write_packed_shard
 from students.configs import STUDENT_SIZES, StudentSize, count_parameters
 from students.init import init_student
 from students.pruning import even_layers

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.artifacts import read_manifest
-from distill.config import load_config
+from core.artifacts import read_manifest
+from core.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_resume_after_sigkill(tiny_teacher_dir, tmp_path):
                  "synth.samples_per_prompt=2", "synth.max_new_tokens=16", "synth.generation_batch=1",
                  "synth.drop_truncated=false", "synth.min_response_tokens=1"]
     child = (
-        "import sys; from pathlib import Path; from distill.config import load_config; "
+        "import sys; from pathlib import Path; from core.config import load_config; "
         "from synth_data.pipeline import synthesize; "
         f"synthesize(load_config({str(REPO / 'configs' / 'tiny.yaml')!r}, {overrides!r}), Path({str(tmp_path)!r}))"
     )
@@ -132,7 +132,7 @@ def test_resume_after_sigkill(tiny_teacher_dir, tmp_path):
     assert 2 <= lines_at_kill < 6, "the kill must land in the middle of sampling"
     assert not (tmp_path / "synth" / "manifest.json").exists()
 
-    from distill.artifacts import ArtifactError
+    from core.artifacts import ArtifactError
 
     with pytest.raises(ArtifactError, match="different synth"):
         synthesize(load_config(REPO / "configs" / "tiny.yaml", [*overrides, "synth.temperature=0.5"]), tmp_path)
@@ -144,3 +144,22 @@ def test_resume_after_sigkill(tiny_teacher_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["samples"] == 12
     assert 0 < summary["generation"]["this_run"]["prompts"] < 6  # the rerun sampled only what was missing
+
+
+def test_a_synth_stage_where_nothing_passes_leaves_a_readable_empty_dataset(tiny_teacher_dir, tmp_path):
+    import datasets
+    import pyarrow.parquet
+
+    from core.config import InputError
+    from distill.data import build_data
+    from synth_data.pipeline import synthesize
+
+    # No sample of at most 8 tokens has 9: every sample is dropped.
+    cfg = _cfg(tiny_teacher_dir, "synth.prompts=[seed:math]", "synth.min_response_tokens=9")
+    out = synthesize(cfg, tmp_path)
+    assert len(datasets.load_from_disk(str(out / "dataset"))) == 0 == read_manifest(out, "synth")["rows"]
+    assert pyarrow.parquet.read_table(out / "synth.parquet").num_rows == 0
+    data_cfg = load_config(REPO / "configs" / "tiny.yaml", [f"teacher.model={tiny_teacher_dir}",
+                                                            "data.sources=[{name: sft, kind: synth}]"])
+    with pytest.raises(InputError, match="data source 'sft': not enough text"):
+        build_data(data_cfg, tmp_path)

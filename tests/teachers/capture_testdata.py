@@ -7,7 +7,7 @@ from pathlib import Path
 
 from teacher_testdata import packed_rows, write_data_dir
 
-from distill.config import from_dict
+from core.config import from_dict
 
 
 def make_run(tmp_path: Path, model_dir: Path, eos: int, *, num: int, length: int, per_shard: int, k: int = 16):

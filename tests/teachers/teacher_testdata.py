@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from distill.artifacts import write_manifest
-from distill.packed import write_packed_shard
+from core.artifacts import write_manifest
+from core.packed import write_packed_shard
 from teachers.resolve import load_tokenizer, teacher_identity
 
 

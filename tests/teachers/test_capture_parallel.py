@@ -25,9 +25,9 @@ import torch
 from capture_testdata import make_run, store_files
 from teacher_testdata import packed_rows, write_data_dir
 
+from core.artifacts import ArtifactError
+from core.config import RunConfig, save_config
 from distill import cli
-from distill.artifacts import ArtifactError
-from distill.config import RunConfig, save_config
 from teachers.capture import capture, progress_path
 from teachers.store import LogitStore, verify_shard
 

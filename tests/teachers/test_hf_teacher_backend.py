@@ -8,10 +8,12 @@ import pytest
 import torch
 from teacher_testdata import packed_rows
 
-from distill.config import TeacherConfig
-from distill.packing import document_spans
-from teachers.backend import TopK, make_backend, tail_logmass_from_topk
+from core.config import TeacherConfig
+from core.packing import document_spans
+from core.records import TopK
+from teachers.backend import make_backend
 from teachers.hf_backend import TransformersBackend, blockwise_topk, chunked_topk
+from teachers.topk import tail_logmass_from_topk
 
 
 @pytest.fixture(scope="module")

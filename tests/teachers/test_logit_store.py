@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.artifacts import ArtifactError, write_manifest
-from teachers.backend import TopK
+from core.artifacts import ArtifactError, write_manifest
+from core.records import TopK
 from teachers.hf_backend import chunked_topk
 from teachers.store import Codec, LogitStore, reconstruction_kl, store_fields, write_shard
 

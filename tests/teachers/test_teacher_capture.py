@@ -16,8 +16,8 @@ import torch
 from capture_testdata import make_run, store_files
 
 import teachers.capture as capture_mod
-from distill.artifacts import ArtifactError
-from distill.config import save_config
+from core.artifacts import ArtifactError
+from core.config import save_config
 from teachers.capture import capture, progress_path
 from teachers.store import LogitStore, reconstruction_kl, write_shard
 
@@ -119,7 +119,7 @@ def test_sigkill_mid_capture_then_rerun_gives_the_identical_store(tmp_path, tiny
 
     config_path = tmp_path / "run.yaml"
     save_config(cfg, config_path)
-    script = ("import sys; from pathlib import Path; from distill.config import load_config; "
+    script = ("import sys; from pathlib import Path; from core.config import load_config; "
               "from teachers.capture import capture; capture(load_config(sys.argv[1]), Path(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", script, str(config_path), str(tmp_path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

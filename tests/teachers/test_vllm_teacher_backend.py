@@ -16,8 +16,9 @@ import pytest
 import torch
 from teacher_testdata import packed_rows
 
-from distill.config import TeacherConfig
-from teachers.backend import TopK, make_backend
+from core.config import TeacherConfig
+from core.records import TopK
+from teachers.backend import make_backend
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 K = 16

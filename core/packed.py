@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 
-from distill.artifacts import ArtifactError, atomic_write_bytes, read_manifest, sha256_file
+from core.artifacts import ArtifactError, atomic_write_bytes, read_manifest, sha256_file
 
 ROW_FIELDS = ("input_ids", "position_ids", "loss_mask")  # [R, L] each
 FIELDS = (*ROW_FIELDS, "domain")
@@ -47,6 +48,20 @@ def write_packed_shard(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, A
     atomic_write_bytes(path, data)
     return {"file": f"{Path(path).parent.name}/{Path(path).name}", "rows": int(rows),
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def read_packed_file(path: Path) -> dict[str, np.ndarray]:
+    """Every row of one packed file that is read whole (`heldout.safetensors`, small by design): the FIELDS
+    as numpy arrays. A missing file or field is an ArtifactError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: packed rows not found (run the data stage first)")
+    tensors = safetensors_load(path.read_bytes())
+    missing = [name for name in FIELDS if name not in tensors]
+    if missing:
+        raise ArtifactError(f"{path}: missing tensor(s) {missing} (found {sorted(tensors)}); rerun the stage that "
+                            "wrote it")
+    return {name: tensors[name] for name in FIELDS}
 
 
 class _Shard:

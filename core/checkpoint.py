@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.artifacts import ArtifactError, atomic_write_json
+from core.artifacts import ArtifactError, atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

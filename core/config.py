@@ -1,9 +1,10 @@
 """Pipeline configuration: YAML files loaded into validated dataclasses.
 
 One YAML file describes a whole pipeline (teacher → data → capture → student → train → anneal → eval →
-publish). Every section is a dataclass owned by the package that uses it; this module composes them into
-`RunConfig` and does the generic work: strict loading (an unknown or ill-typed field is a one-line error
-naming it), dotted CLI overrides (`train.lr=3e-4`), and round-tripping to plain dicts for manifests.
+publish). Each section is a dataclass here, in core, because several stages read it; its `validate()` checks
+every range and cross-field rule of its own fields when the config is loaded, so no consumer re-checks
+them. `RunConfig` composes the sections; the generic work is strict loading (an unknown or ill-typed field
+is a one-line error naming it), dotted CLI overrides (`train.lr=3e-4`), and plain dicts for manifests.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from core.artifacts import atomic_write_text
 
 
 class InputError(ValueError):
@@ -57,6 +60,11 @@ class TeacherConfig:
     max_logprobs: int = 128  # vllm backends: the engine's cap on prompt logprobs (must be ≥ capture.top_k)
     max_model_len: int | None = None  # vllm backend: context length (None: the model's own)
 
+    def validate(self) -> None:
+        _positive(self, "teacher", "batch_size", "topk_chunk_size", "tensor_parallel_size", "max_logprobs")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"teacher.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
 
 @dataclass
 class SourceConfig:
@@ -91,9 +99,14 @@ class DataConfig:
     shard_chars: int = 8_000_000
 
     def validate(self) -> None:
-        for name in ("num_proc", "shard_chars"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"data.{name}: must be > 0, got {getattr(self, name)!r}")
+        _positive(self, "data", "seq_len", "train_tokens", "num_proc", "shard_chars")
+        if not self.sources:
+            raise ConfigError("data.sources: at least one source is required")
+        for i, src in enumerate(self.sources):
+            if src.weight < 0:
+                raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {src.weight!r}")
+            if src.kind not in ("builtin", "synth") and not src.path:
+                raise ConfigError(f"data.sources[{i}].path: required for kind {src.kind!r}")
 
 
 @dataclass
@@ -106,6 +119,7 @@ class CaptureConfig:
     logprob_max_step: float = 0.5  # nats: the coarsest step, used deep in the tail
 
     def validate(self) -> None:
+        _positive(self, "capture", "top_k", "sequences_per_shard")
         if not 2 <= self.logprob_bits <= 14:
             raise ConfigError(f"capture.logprob_bits: must be in [2, 14], got {self.logprob_bits!r}")
         if not self.logprob_max_step > 0:
@@ -178,8 +192,29 @@ class TrainConfig:
     max_new_tokens: int = 128
     teacher_retries: int = 3  # a teacher call that fails (vllm-server down) is retried this often, then the run stops
     teacher_retry_wait_s: float = 10.0
+    # Who samples the student's completions: HF generate on the training device, or a vLLM engine colocated
+    # in the training process (distill/student_vllm.py; one process), its weights refreshed from the trainer
+    # every vllm_sync_every steps; it takes vllm_gpu_memory_utilization of the GPU and runs in vllm_dtype.
+    student_generation: Literal["transformers", "vllm"] = "transformers"
+    vllm_sync_every: int = 1
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def reads_logit_store(self) -> bool:
+        """KD on the captured teacher top-k in RUN/logits (the capture stage runs, train reads its store)."""
+        return self.objective == "kd" and self.teacher_source == "offline"
 
     def validate(self) -> None:
+        _positive(self, "train", "batch_size", "grad_accum", "loss_chunk_size", "temperature", "lr")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps!r}")
+        for name in ("ce_weight", "beta", "min_lr_ratio", "decay_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name}: must be in [0, 1], got {getattr(self, name)!r}")
+        if self.loss == "skew_kl" and self.beta == 1.0:
+            raise ConfigError("train.beta: skew_kl mixes β·p + (1 − β)·q into the target, so β = 1 compares the "
+                              "teacher with itself (zero loss, no gradient); use β < 1 (e.g. 0.1)")
         self._validate_on_policy()
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas: must be two numbers in [0, 1), got {self.adam_betas!r}")
@@ -202,6 +237,7 @@ class TrainConfig:
         if self.teacher_retries < 0 or self.teacher_retry_wait_s < 0:
             raise ConfigError(f"train.teacher_retries / teacher_retry_wait_s: must be >= 0, got "
                               f"{self.teacher_retries!r} / {self.teacher_retry_wait_s!r}")
+        self._validate_student_generation()
         if self.objective != "on_policy":
             if self.loss == "sampled_reverse_kl":
                 raise ConfigError("train.loss: sampled_reverse_kl estimates reverse KL from the student's own "
@@ -229,6 +265,22 @@ class TrainConfig:
                                   "drawn from its distribution: set train.on_policy_fraction=1, "
                                   "sample_temperature=1, sample_top_p=1, temperature=1, tail=bucket")
 
+    def _validate_student_generation(self) -> None:
+        if self.vllm_sync_every <= 0:
+            raise ConfigError(f"train.vllm_sync_every: must be > 0, got {self.vllm_sync_every!r}")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"train.vllm_gpu_memory_utilization: must be in (0, 1], got "
+                              f"{self.vllm_gpu_memory_utilization!r}")
+        if self.student_generation != "vllm":
+            return
+        if self.objective != "on_policy":
+            raise ConfigError("train.student_generation: vllm samples the student's completions of objective "
+                              f"on_policy; train.objective is {self.objective!r}")
+        if self.save_every > 0 and self.save_every % self.vllm_sync_every:
+            raise ConfigError(f"train.vllm_sync_every: {self.vllm_sync_every} must divide train.save_every="
+                              f"{self.save_every}, so that a run resumed from a checkpoint refreshes the engine "
+                              "at the step the uninterrupted run did (and samples the same)")
+
 
 @dataclass
 class AnnealConfig:
@@ -245,6 +297,8 @@ class AnnealConfig:
     start_lr: float = 0.0  # LR of the first annealing step; 0: where the main schedule stands (its checkpoint)
 
     def validate(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"anneal.fraction: must be in (0, 1), got {self.fraction!r}")
         if self.num_checkpoints < 1:
             raise ConfigError(f"anneal.num_checkpoints: must be >= 1, got {self.num_checkpoints!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -331,7 +385,8 @@ class EvalConfig:
         if self.ood_documents <= 0:
             raise ConfigError(f"eval.ood_documents: must be > 0, got {self.ood_documents!r}")
         if self.ood_doc_tokens < 2:
-            raise ConfigError(f"eval.ood_doc_tokens: must be >= 2 (a document needs a target), got {self.ood_doc_tokens!r}")
+            raise ConfigError(f"eval.ood_doc_tokens: must be >= 2 (a document needs a target), "
+                              f"got {self.ood_doc_tokens!r}")
 
     def generation_engine(self, teacher: TeacherConfig) -> Literal["transformers", "vllm"]:
         """`generation_backend` with "auto" resolved against the run's `teacher` section."""
@@ -364,6 +419,13 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------------
+
+
+def _positive(section: Any, prefix: str, *names: str) -> None:
+    """Each of the fields `names` of a section must be > 0."""
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ConfigError(f"{prefix}.{name}: must be > 0, got {getattr(section, name)!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -459,42 +521,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 def from_dict(data: dict[str, Any], source: str = "<config>") -> RunConfig:
     """Build a `RunConfig` from a nested dict; errors are prefixed with `source` (a file name)."""
     try:
-        cfg = _build(RunConfig, data or {}, "")
-        _check_values(cfg)
-        return cfg
+        return _build(RunConfig, data or {}, "")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-
-
-def _check_values(cfg: RunConfig) -> None:
-    """Range checks that the type system cannot express."""
-    positive = {
-        "data.seq_len": cfg.data.seq_len,
-        "data.train_tokens": cfg.data.train_tokens,
-        "capture.top_k": cfg.capture.top_k,
-        "capture.sequences_per_shard": cfg.capture.sequences_per_shard,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.loss_chunk_size": cfg.train.loss_chunk_size,
-        "train.temperature": cfg.train.temperature,
-        "teacher.batch_size": cfg.teacher.batch_size,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name}: must be > 0, got {value!r}")
-    if not 0.0 <= cfg.train.ce_weight <= 1.0:
-        raise ConfigError(f"train.ce_weight: must be in [0, 1], got {cfg.train.ce_weight!r}")
-    if not 0.0 <= cfg.train.beta <= 1.0:
-        raise ConfigError(f"train.beta: must be in [0, 1], got {cfg.train.beta!r}")
-    if not 0.0 < cfg.anneal.fraction < 1.0:
-        raise ConfigError(f"anneal.fraction: must be in (0, 1), got {cfg.anneal.fraction!r}")
-    if not cfg.data.sources:
-        raise ConfigError("data.sources: at least one source is required")
-    for i, src in enumerate(cfg.data.sources):
-        if src.weight < 0:
-            raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {src.weight!r}")
-        if src.kind not in ("builtin", "synth") and not src.path:
-            raise ConfigError(f"data.sources[{i}].path: required for kind {src.kind!r}")
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -541,6 +570,4 @@ def to_dict(obj: Any) -> Any:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from distill.artifacts import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

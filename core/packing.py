@@ -82,3 +82,16 @@ def document_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def training_positions(input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, L]` rows → `(select, labels)`: flat indices `[N]` of positions t whose next token is a target
+    inside the same document, and those next tokens `[N]`."""
+    batch, length = input_ids.shape
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    valid[:, :-1] = (loss_mask[:, 1:] != 0) & (position_ids[:, 1:] != 0)
+    select = valid.reshape(-1).nonzero().squeeze(-1)
+    next_ids = torch.zeros_like(input_ids)
+    next_ids[:, :-1] = input_ids[:, 1:]
+    return select, next_ids.reshape(-1)[select]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.packing import document_attention, document_causal_mask, document_ids, document_spans
+from core.packing import document_attention, document_causal_mask, document_ids, document_spans
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from distill.artifacts import ArtifactError
-from distill.checkpoint import (
+from core.artifacts import ArtifactError
+from core.checkpoint import (
     capture_rng_state,
     checkpoint_dir,
     checkpoint_step,

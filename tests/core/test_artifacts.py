@@ -2,7 +2,7 @@
 
 import pytest
 
-from distill.artifacts import (
+from core.artifacts import (
     ArtifactError,
     atomic_dir,
     atomic_write_text,

