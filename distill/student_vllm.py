@@ -34,6 +34,7 @@ import torch
 
 from core.config import InputError, TrainConfig
 from core.sampling import keep_through_eos
+from teachers.vllm_backend import shutdown_engine
 
 
 @contextmanager
@@ -120,10 +121,7 @@ class StudentVLLM:
 
     def close(self) -> None:
         """Shut the engine down (its memory is freed once nothing refers to it)."""
-        engine = getattr(getattr(self, "llm", None), "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        shutdown_engine(getattr(self, "llm", None))
         self.llm = None
         gc.collect()
         if torch.cuda.is_available():

@@ -85,10 +85,7 @@ class VLLMBackend:
         return [s * n if greedy else s for s in samples]
 
     def close(self) -> None:
-        engine = getattr(getattr(self, "llm", None), "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        shutdown_engine(getattr(self, "llm", None))
         self.llm = None
         gc.collect()
 
@@ -168,3 +165,11 @@ class VLLMServerBackend:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop the engine core of a `vllm.LLM` (None: nothing to do); its memory is freed once nothing refers
+    to the `LLM` any more."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
