@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import atomic_write_json, cache_root, sha256_file, sha256_json
+from core.artifacts import TOKENIZER_FILES, atomic_write_json, cache_root, sha256_file, sha256_json
+from evaluation.lm import tokenizer_folder
 
 # What decides a model's outputs: weights, config, tokenizer. Not README/model card/manifests.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
@@ -23,19 +24,24 @@ def eval_cache_dir() -> Path:
     return cache_root() / "eval"
 
 
-def _model_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and p.name not in _IGNORED)
+def _model_files(folder: Path, tokenizer_path: Path | None) -> list[Path]:
+    """The weight and config files of `folder`, then the tokenizer files the model is evaluated with."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES
+                   and p.name not in _IGNORED and p.name not in TOKENIZER_FILES)
     if not any(p.name == "config.json" for p in files):
         raise FileNotFoundError(f"{folder}: no config.json — not a Hugging Face model folder")
-    return files
+    tokenizer_dir = tokenizer_folder(folder, tokenizer_path)
+    return files + sorted(tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file())
 
 
-def model_hash(folder: Path) -> str:
-    """A 16-hex-digit digest of a model folder's weights, config and tokenizer files."""
+def model_hash(folder: Path, tokenizer_path: Path | None = None) -> str:
+    """A 16-hex-digit digest of what decides a model's outputs: the weights and config in `folder` and the
+    tokenizer it is evaluated with (its own, else the one in `tokenizer_path`, as `EvalModel` loads it).
+    A training checkpoint (no tokenizer) read with the final student's tokenizer and the final folder that
+    holds the same weights therefore hash alike, and the second one's results are read from the cache."""
     folder = Path(folder).resolve()
-    files = _model_files(folder)
-    stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    files = _model_files(folder, Path(tokenizer_path).resolve() if tokenizer_path is not None else None)
+    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
     memo_path = eval_cache_dir() / "folder_hashes.json"
     memo: dict[str, Any] = {}
     if memo_path.is_file():

@@ -12,12 +12,14 @@ generation paths start from the same prompt ids and turn generated ids into text
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from evaluation.attention import register
 from evaluation.intrinsic import head_logprobs
@@ -135,18 +137,26 @@ class EvalModel:
         """Greedy continuations of `prompts`, each cut at the first stop string and at `max_new_tokens`.
 
         Generation of a sequence ends when it emits EOS or a stop string (HF `stop_strings`); the batch ends
-        when all its sequences have. Returns the generated text only (no prompt), stop string excluded.
+        when all its sequences have. The token prefix all prompts share (a few-shot header) is run once and
+        its KV cache copied into every batch (`_shared_prefix`). Returns the generated text only (no prompt),
+        stop string excluded.
         """
         encoded = encode_prompts(self.tokenizer, prompts, max_length=self.max_length,
                                  max_new_tokens=max_new_tokens, where=self.path)
+        prefix, prefix_cache = self._shared_prefix(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         outputs: list[str] = [""] * len(prompts)
+        kwargs: dict[str, Any] = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask, _ = self._left_pad([encoded[i] for i in idx])
-            kwargs: dict[str, Any] = {}
-            if stop:
-                kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+            ids, mask, _ = self._left_pad([encoded[i][len(prefix):] for i in idx])
+            if prefix_cache is not None:
+                # [prefix][left padding][own tokens]: generate's position ids (cumulative mask) continue the
+                # prefix's, the padding is masked out, and only the columns after the cache are computed.
+                ids = torch.cat([torch.tensor([prefix] * len(idx), device=self.device), ids], dim=1)
+                mask = torch.cat([torch.ones(len(idx), len(prefix), dtype=mask.dtype, device=self.device), mask], 1)
+                kwargs["past_key_values"] = copy.deepcopy(prefix_cache)
+                kwargs["past_key_values"].batch_repeat_interleave(len(idx))
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=self.pad_id, num_beams=1, **kwargs,
@@ -155,6 +165,23 @@ class EvalModel:
             for b, i in enumerate(idx):
                 outputs[i] = decode_completion(self.tokenizer, new[b].tolist(), stop)
         return outputs
+
+    def _shared_prefix(self, encoded: list[list[int]]) -> tuple[list[int], DynamicCache | None]:
+        """The token prefix every prompt starts with (each keeping at least one token of its own) and the
+        batch-1 KV cache of the model on it; `([], None)` when there is none, a single prompt, or a model
+        whose cache is not a plain one (sliding-window layers drop prefix columns)."""
+        if len(encoded) < 2 or getattr(self.model.config, "sliding_window", None):
+            return [], None
+        shared = 0
+        limit = min(len(e) for e in encoded) - 1
+        while shared < limit and all(e[shared] == encoded[0][shared] for e in encoded):
+            shared += 1
+        if shared == 0:
+            return [], None
+        prefix = encoded[0][:shared]
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([prefix], device=self.device), past_key_values=cache, use_cache=True)
+        return prefix, cache
 
 
 @dataclass

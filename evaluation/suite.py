@@ -70,7 +70,7 @@ class _Model:
     def __init__(self, name: str, path: Path, role: str, tokenizer_path: Path, step: int | None = None) -> None:
         self.name, self.path, self.role, self.step = name, Path(path), role, step
         self.tokenizer_path = tokenizer_path
-        self.hash = model_hash(self.path)
+        self.hash = model_hash(self.path, tokenizer_path)
         self._loaded = None
         self._engine = None
 
@@ -156,7 +156,7 @@ def _safe_name(name: str) -> str:
 def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path, tasks: list[str], limit: int,
                     out_dir: Path, heldout: Path | None = None, batch_size: int = 8, max_new_tokens: int = 256,
                     checkpoints: dict[str, tuple[Path, int]] | None = None,
-                    checkpoint_tasks: list[str] | None = None,
+                    checkpoint_tasks: list[str] | None = None, checkpoint_tokenizer: Path | None = None,
                     vllm_engine: TeacherConfig | None = None, task_limits: dict[str, int] | None = None,
                     ood_documents: int = 32, ood_doc_tokens: int = 128) -> dict[str, Any]:
     """Evaluate the teacher and each student on `tasks`; write the report into `out_dir` and return it.
@@ -166,7 +166,8 @@ def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path
     for the intrinsic task (required by it; distill/heldout.py builds one for plain folders);
     `ood_documents` × `ood_doc_tokens` per domain: the out-of-distribution set of `intrinsic_ood`.
     `checkpoints`: name → (folder, training step), evaluated on `checkpoint_tasks` (default: `tasks`) for
-    the gap-over-steps chart. `vllm_engine`: run the generative tasks through vLLM with these engine
+    the gap-over-steps chart; those without tokenizer files are read with `checkpoint_tokenizer` (default:
+    the teacher's). `vllm_engine`: run the generative tasks through vLLM with these engine
     settings, one batched call per task and model, before the other tasks run in transformers (None: all in
     transformers). Results are cached under `$DISTILL_CACHE/eval` by model-folder hash + task key (task,
     version, limit, generation length and engine; for intrinsic: teacher hash and held-out file hash).
@@ -181,7 +182,7 @@ def evaluate_models(models: dict[str, Path], *, teacher: str, teacher_path: Path
     t_model = _Model(teacher, teacher_path, "teacher", teacher_path)
     entries = [(t_model, list(tasks))]
     entries += [(_Model(n, p, "student", teacher_path), list(tasks)) for n, p in models.items()]
-    entries += [(_Model(n, p, "checkpoint", teacher_path, step), ckpt_task_names)
+    entries += [(_Model(n, p, "checkpoint", checkpoint_tokenizer or teacher_path, step), ckpt_task_names)
                 for n, (p, step) in (checkpoints or {}).items()]
     ctx = EvalContext(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       teacher_hash=t_model.hash, teacher_path=Path(teacher_path), heldout=heldout,
@@ -369,6 +370,9 @@ def evaluate_run(cfg: RunConfig, run_dir: Path) -> Path:
             tasks=e.tasks, limit=e.limit, out_dir=tmp, heldout=heldout if heldout.is_file() else None,
             batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
             checkpoints=_run_checkpoints(run_dir, e.every_steps), checkpoint_tasks=e.checkpoint_tasks,
+            # the run's checkpoints are its student at earlier steps: read with the final student's tokenizer,
+            # the last one hashes like the final folder when it holds the same weights (one evaluation)
+            checkpoint_tokenizer=student_dir if (student_dir / "tokenizer_config.json").is_file() else None,
             vllm_engine=cfg.teacher if e.generation_engine(cfg.teacher) == "vllm" else None,
             task_limits=e.task_limits, ood_documents=e.ood_documents, ood_doc_tokens=e.ood_doc_tokens,
         )

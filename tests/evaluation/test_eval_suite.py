@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_llama
 from eval_helpers import write_heldout
 
-from core.artifacts import is_complete, read_manifest, write_manifest
+from core.artifacts import TOKENIZER_FILES, is_complete, read_manifest, write_manifest
 from core.config import load_config
 from evaluation.cache import model_hash
 from evaluation.lm import EvalModel, truncate_at_stop
@@ -39,6 +39,16 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     alone = [tiny.generate([p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == alone
     assert all(len(tiny.encode(o, special=False)) <= 6 for o in batched)
+
+
+def test_prompts_sharing_a_few_shot_header_generate_as_if_alone(tiny):
+    header = "Question: 1 + 1?\nAnswer: 2\n\nQuestion: 2 + 3?\nAnswer: 5\n\n"
+    prompts = [header + f"Question: {a} + {b}?\nAnswer:" for a, b in ((1, 4), (3, 3), (7, 2))] + [header + "Q"]
+    # the header is run once and its cache shared by every batch (a batch of 2, then one of 2)
+    assert len(tiny._shared_prefix([tiny.encode(p) for p in prompts])[0]) >= len(tiny.encode(header)) - 1
+    for stop in ((), ("\n",)):
+        batched = tiny.generate(prompts, max_new_tokens=6, batch_size=2, stop=stop)
+        assert batched == [tiny.generate([p], max_new_tokens=6, batch_size=1, stop=stop)[0] for p in prompts]
 
 
 def test_stop_strings_cut_the_output(tiny):
@@ -81,6 +91,23 @@ def test_model_hash_follows_the_weights(tiny_teacher_dir, smollm2_dir, tmp_path)
     assert model_hash(copy) == model_hash(tiny_teacher_dir)
     other = make_tiny_llama(tmp_path / "other", smollm2_dir, seed=3)
     assert model_hash(other) != model_hash(tiny_teacher_dir)
+
+
+def test_model_hash_counts_the_tokenizer_it_is_evaluated_with(tiny_teacher_dir, tmp_path):
+    """A checkpoint without tokenizer files, evaluated with the teacher's tokenizer, hashes like the final
+    folder that holds the same weights and a copy of that tokenizer — and unlike one with another tokenizer."""
+    weights_only = tmp_path / "checkpoint"
+    weights_only.mkdir()
+    for f in tiny_teacher_dir.iterdir():
+        if f.name not in TOKENIZER_FILES:
+            shutil.copy(f, weights_only / f.name)
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        model_hash(weights_only)
+    assert model_hash(weights_only, tiny_teacher_dir) == model_hash(tiny_teacher_dir)
+    edited = shutil.copytree(tiny_teacher_dir, tmp_path / "edited")
+    config = json.loads((edited / "tokenizer_config.json").read_text())
+    (edited / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 7}))
+    assert model_hash(weights_only, edited) != model_hash(weights_only, tiny_teacher_dir)
 
 
 def test_evaluate_models_writes_the_report_and_caches(tiny_teacher_dir, smollm2_dir, heldout_file, tmp_path):
@@ -127,7 +154,10 @@ def test_eval_stage_with_checkpoints(tiny_teacher_dir, smollm2_dir, tmp_path):
     heldout_dir = run / "data"
     write_heldout(heldout_dir)
     final = make_tiny_llama(run / "train" / "final", smollm2_dir, seed=11)
-    for step, seed in ((2, 12), (4, 13)):
+    # re-saved by the trainer, the final student's tokenizer config is not byte-identical to the teacher's
+    config = json.loads((final / "tokenizer_config.json").read_text())
+    (final / "tokenizer_config.json").write_text(json.dumps({**config, "errors": "replace"}))
+    for step, seed in ((2, 12), (4, 11)):  # the last checkpoint holds the final student's weights
         ckpt = run / "train" / "checkpoints" / f"step-{step:06d}"
         make_tiny_llama(ckpt, smollm2_dir, seed=seed)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -142,6 +172,10 @@ def test_eval_stage_with_checkpoints(tiny_teacher_dir, smollm2_dir, tmp_path):
     assert report["models"]["student"]["path"] == str(final)
     steps = {m["step"] for m in report["models"].values() if m["role"] == "checkpoint"}
     assert steps == {2, 4}
+    # read with the final student's tokenizer, the last checkpoint is the final student: one evaluation
+    assert report["throughput"]["train@4"]["intrinsic"]["cached"]
+    assert report["models"]["train@4"]["metrics"] == report["models"]["student"]["metrics"]
+    assert not report["throughput"]["train@2"]["intrinsic"]["cached"]
     assert (out / "gap_steps.png").is_file()
     assert "Gap over training steps" in (out / "report.md").read_text()
 

@@ -4,12 +4,6 @@ both reproduce the transformers backend's top-k on packed rows (|Δ logprob| ≤
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
@@ -46,44 +40,9 @@ def engine(tiny_teacher_dir):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_teacher_dir, tmp_path_factory):
-    """A vLLM OpenAI-compatible server on 127.0.0.1 serving the tiny teacher, stopped after the tests."""
-    pytest.importorskip("vllm")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    log = open(log_path, "wb")  # a file, not a pipe: a full pipe would block the chatty server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_teacher_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", "32", "--max-model-len", "256",
-         "--dtype", "float32"],  # vLLM on CPU would otherwise run a float32 checkpoint in bfloat16
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("vLLM server did not become healthy within 600 s")
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the API server and its engine workers
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+def server(served_tiny_teacher) -> str:
+    """The URL of the session's vLLM server on the tiny teacher (tests/vllm_server.py)."""
+    return served_tiny_teacher.url
 
 
 def assert_same_topk(got: list[TopK], ref: list[TopK]) -> None:
