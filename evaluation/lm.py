@@ -180,7 +180,9 @@ class EvalModel:
             return [], None
         prefix = encoded[0][:shared]
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.tensor([prefix], device=self.device), past_key_values=cache, use_cache=True)
+        # the trunk only: the cache is what is needed, not the prefix's [1, P, V] logits
+        self.model.get_decoder()(input_ids=torch.tensor([prefix], device=self.device), past_key_values=cache,
+                                 use_cache=True)
         return prefix, cache
 
 

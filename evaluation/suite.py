@@ -32,7 +32,7 @@ from core.checkpoint import checkpoint_step, list_checkpoints
 from core.config import EvalConfig, RunConfig, TeacherConfig, to_dict
 from core.records import HELDOUT_EVERY, model_vocab_size
 from evaluation.cache import load_result, model_hash, save_result
-from evaluation.lm import EvalModel
+from evaluation.lm import EvalModel, tokenizer_folder
 from evaluation.ood import SOURCES
 from evaluation.report import (
     compute_gaps,
@@ -372,7 +372,7 @@ def evaluate_run(cfg: RunConfig, run_dir: Path) -> Path:
             checkpoints=_run_checkpoints(run_dir, e.every_steps), checkpoint_tasks=e.checkpoint_tasks,
             # the run's checkpoints are its student at earlier steps: read with the final student's tokenizer,
             # the last one hashes like the final folder when it holds the same weights (one evaluation)
-            checkpoint_tokenizer=student_dir if (student_dir / "tokenizer_config.json").is_file() else None,
+            checkpoint_tokenizer=tokenizer_folder(student_dir, teacher_path),
             vllm_engine=cfg.teacher if e.generation_engine(cfg.teacher) == "vllm" else None,
             task_limits=e.task_limits, ood_documents=e.ood_documents, ood_doc_tokens=e.ood_doc_tokens,
         )
