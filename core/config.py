@@ -28,6 +28,11 @@ class InputError(ValueError):
     other exception is a bug, and keeps its traceback."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose before an optimizer step (the teacher is down, the loss went non-finite):
+    what was written is kept and the message says what to do next, so the CLI prints it as one line."""
+
+
 class ConfigError(InputError):
     """A config file or override is invalid; the message names the file and field."""
 

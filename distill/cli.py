@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from core.artifacts import ArtifactError
-from core.config import EvalConfig, InputError, load_config
+from core.config import EvalConfig, InputError, RunStopped, load_config
 from distill import pipeline
 from distill.averaging import average_checkpoints
 from distill.heldout import default_heldout
@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         # What the user can fix: one line. Anything else is a bug and keeps its traceback.
         print(f"distill {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        # Stopped on purpose with nothing lost (the last checkpoint is kept): one line, its own exit status.
+        print(f"distill {args.verb}: stopped: {err}", file=sys.stderr)
+        return 3
 
 
 def _dispatch(args: argparse.Namespace) -> int:

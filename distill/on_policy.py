@@ -59,7 +59,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from core.config import InputError, TeacherConfig, TrainConfig
+from core.config import InputError, RunStopped, TeacherConfig, TrainConfig
 from core.sampling import completion_rows, sample_completions
 from distill.batches import MicroBatch
 from distill.mixture import uniform
@@ -72,7 +72,7 @@ _SAMPLING_SALT = 0x73616D706C696E67
 T = TypeVar("T")
 
 
-class TeacherUnavailableError(RuntimeError):
+class TeacherUnavailableError(RunStopped):
     """The teacher kept failing (e.g. its vLLM server is down); training stopped before the optimizer step."""
 
 

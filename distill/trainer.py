@@ -63,7 +63,7 @@ from core.checkpoint import (
     save_sharded_state,
     staging_dir,
 )
-from core.config import RunConfig, to_dict
+from core.config import RunConfig, RunStopped, to_dict
 from core.packed import PackedRows
 from core.packing import document_causal_mask
 from core.records import eos_token_ids, model_vocab_size
@@ -81,7 +81,7 @@ from teachers.store import LogitStore
 METRICS_FILE = "metrics.jsonl"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     """A step produced a NaN/inf loss or gradient; training stopped before the optimizer step."""
 
 

@@ -1,4 +1,5 @@
-"""The CLI: verbs exist, bad input exits 2 with one line naming the problem, stages run on their own."""
+"""The CLI: verbs exist, bad input exits 2 and a run stopped on purpose exits 3, each with one line naming the
+problem; stages run on their own."""
 
 import subprocess
 import sys
@@ -38,3 +39,20 @@ def test_missing_teacher_folder_is_named(tmp_path):
     proc = run_cli("data", "configs/tiny.yaml", "teacher.model=./no/such/teacher", "--output-dir", str(tmp_path))
     assert proc.returncode == 2
     assert "teacher.model: local folder ./no/such/teacher does not exist" in proc.stderr
+
+
+def test_a_run_that_stops_on_purpose_is_one_line_with_its_own_exit_status(tmp_path, tiny_teacher_dir):
+    """A diverging run (an absurd LR: the loss turns non-finite after the first update) stops before the
+    optimizer step with exit status 3 and one line saying what is kept and what to try — no traceback."""
+    import yaml
+    from test_trainer import make_run
+
+    from core.config import to_dict
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(to_dict(make_run(tmp_path, tiny_teacher_dir))))
+    proc = run_cli("train", str(config), "-o", str(tmp_path), "train.lr=1e30", "train.max_grad_norm=0")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("distill train: stopped: train step 2: "), proc.stderr[-3000:]
+    assert "no checkpoint was written" in last and "Try a lower train.lr" in last
