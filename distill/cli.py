@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except RunStopped as err:
-        # Stopped on purpose with nothing lost (the last checkpoint is kept): one line, its own exit status.
+        # Stopped on purpose, what was written is kept and the message says what to do: one line, own status.
         print(f"distill {args.verb}: stopped: {err}", file=sys.stderr)
         return 3
 

@@ -48,6 +48,7 @@ from core.artifacts import (
     check_compatible,
     is_complete,
     read_manifest,
+    tokenizer_folder,
     tokenizer_hash,
     write_manifest,
 )
@@ -176,12 +177,6 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _student_tokenizer_dir(run_dir: Path, init_from: Path) -> Path:
-    if (init_from / "tokenizer_config.json").is_file():
-        return init_from
-    return run_dir / "student_init"
-
-
 def _make_targets(cfg: RunConfig, run_dir: Path, student_hash: str, vocab_size: int,
                   num_rows: int, device: torch.device) -> TargetSource | None:
     """The teacher-target source for objective "kd", after refusing an incompatible store or teacher."""
@@ -281,7 +276,7 @@ class DistillationRecipe:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-        self.tokenizer = AutoTokenizer.from_pretrained(_student_tokenizer_dir(self.run_dir, init_from))
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(init_from, self.run_dir / "student_init"))
         student = AutoModelForCausalLM.from_pretrained(checkpoint or init_from, dtype=torch.float32)
         vocab_size, student_hash = int(student.config.vocab_size), tokenizer_hash(self.tokenizer)
         data_dir = self.run_dir / "data"

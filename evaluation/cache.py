@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import TOKENIZER_FILES, atomic_write_json, cache_root, sha256_file, sha256_json
-from evaluation.lm import tokenizer_folder
+from core.artifacts import TOKENIZER_FILES, atomic_write_json, cache_root, sha256_file, sha256_json, tokenizer_folder
 
 # What decides a model's outputs: weights, config, tokenizer. Not README/model card/manifests.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
@@ -49,11 +48,13 @@ def model_hash(folder: Path, tokenizer_path: Path | None = None) -> str:
             memo = json.loads(memo_path.read_text())
         except json.JSONDecodeError:
             memo = {}  # a corrupt memo only costs a re-hash
-    entry = memo.get(str(folder))
+    # one entry per (folder, tokenizer read with it): a checkpoint hashed both ways is not re-read each time
+    memo_key = str(folder) if tokenizer_path is None else f"{folder} with {Path(tokenizer_path).resolve()}"
+    entry = memo.get(memo_key)
     if entry and entry.get("stamp") == stamp:
         return entry["hash"]
     digest = sha256_json({p.name: sha256_file(p) for p in files})[:16]
-    memo[str(folder)] = {"stamp": stamp, "hash": digest}
+    memo[memo_key] = {"stamp": stamp, "hash": digest}
     atomic_write_json(memo_path, memo)
     return digest
 

@@ -1,7 +1,8 @@
 """A causal LM under evaluation: batched continuation scoring and batched greedy generation.
 
-Works on any Hugging Face causal-LM folder. Generation pads on the LEFT and passes explicit `position_ids`
-(cumulative sum of the attention mask), so every sequence sees the same positions it would see alone.
+Works on any Hugging Face causal-LM folder. Generation runs the token prefix all prompts share (a few-shot
+header) once, then each batch as `[prefix][left padding][own tokens]` with the prefix's KV cache; HF's
+position ids (cumulative sum of the attention mask) give every sequence the positions it would have alone.
 Scoring packs a context and all its continuations (the choices of a multiple-choice item) into one row:
 each continuation attends to the context and to itself only, with position ids continuing the context's,
 so every continuation is scored exactly as if alone while the shared context is computed once; the
@@ -16,14 +17,17 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache
 
+from core.artifacts import tokenizer_folder
 from evaluation.attention import register
 from evaluation.intrinsic import head_logprobs
 from teachers.resolve import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 HEAD_CHUNK = 512  # target positions per vocabulary projection while scoring
 
@@ -63,16 +67,15 @@ class EvalModel:
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
-    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows of ids → `input_ids`, `attention_mask`, `position_ids`, each `[B, max_len]`, padded on the left."""
+    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ids → `input_ids`, `attention_mask`, each `[B, max_len]`, padded on the left."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        return ids.to(self.device), mask.to(self.device)
 
     # ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -149,7 +152,7 @@ class EvalModel:
         kwargs: dict[str, Any] = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask, _ = self._left_pad([encoded[i][len(prefix):] for i in idx])
+            ids, mask = self._left_pad([encoded[i][len(prefix):] for i in idx])
             if prefix_cache is not None:
                 # [prefix][left padding][own tokens]: generate's position ids (cumulative mask) continue the
                 # prefix's, the padding is masked out, and only the columns after the cache are computed.
@@ -169,8 +172,13 @@ class EvalModel:
     def _shared_prefix(self, encoded: list[list[int]]) -> tuple[list[int], DynamicCache | None]:
         """The token prefix every prompt starts with (each keeping at least one token of its own) and the
         batch-1 KV cache of the model on it; `([], None)` when there is none, a single prompt, or a model
-        whose cache is not a plain one (sliding-window layers drop prefix columns)."""
-        if len(encoded) < 2 or getattr(self.model.config, "sliding_window", None):
+        whose cache is not plain full attention in every layer (a sliding window or chunk would spend its
+        slots on the padding between prefix and prompt; a linear-attention state would run through it)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.model.config)
+        if len(encoded) < 2 or not all(type(layer) is DynamicLayer for layer in cache.layers):
             return [], None
         shared = 0
         limit = min(len(e) for e in encoded) - 1
@@ -179,7 +187,6 @@ class EvalModel:
         if shared == 0:
             return [], None
         prefix = encoded[0][:shared]
-        cache = DynamicCache(config=self.model.config)
         # the trunk only: the cache is what is needed, not the prefix's [1, P, V] logits
         self.model.get_decoder()(input_ids=torch.tensor([prefix], device=self.device), past_key_values=cache,
                                  use_cache=True)
@@ -236,17 +243,6 @@ def continuation_mask(branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
-
-
-def tokenizer_folder(path: Path, tokenizer_path: Path | None) -> Path:
-    """`path` when it holds tokenizer files, else `tokenizer_path` (a training checkpoint holds only weights
-    and config; students share the teacher's tokenizer)."""
-    path = Path(path)
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        return path
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"{path}: no tokenizer files and no tokenizer_path given")
-    return Path(tokenizer_path)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, max_length: int, max_new_tokens: int,

@@ -26,13 +26,14 @@ from core.artifacts import (
     manifest_hash,
     read_manifest,
     sha256_file,
+    tokenizer_folder,
     write_manifest,
 )
 from core.checkpoint import checkpoint_step, list_checkpoints
 from core.config import EvalConfig, RunConfig, TeacherConfig, to_dict
 from core.records import HELDOUT_EVERY, model_vocab_size
 from evaluation.cache import load_result, model_hash, save_result
-from evaluation.lm import EvalModel, tokenizer_folder
+from evaluation.lm import EvalModel
 from evaluation.ood import SOURCES
 from evaluation.report import (
     compute_gaps,

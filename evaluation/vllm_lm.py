@@ -17,9 +17,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.artifacts import TOKENIZER_FILES
+from core.artifacts import TOKENIZER_FILES, tokenizer_folder
 from core.config import TeacherConfig
-from evaluation.lm import decode_completion, encode_prompts, tokenizer_folder
+from evaluation.lm import decode_completion, encode_prompts
 from teachers.resolve import load_tokenizer
 from teachers.vllm_backend import VLLMBackend
 

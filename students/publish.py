@@ -27,6 +27,7 @@ from core.artifacts import (
     is_complete,
     manifest_hash,
     read_manifest,
+    tokenizer_folder,
     tokenizer_hash,
     write_manifest,
 )
@@ -139,8 +140,7 @@ def _build(cfg: RunConfig, run_dir: Path, final: Path, out: Path, inputs: dict[s
     if repo and plan.name_prefix and not repo.split("/")[-1].startswith(plan.name_prefix):
         raise ConfigError(f"publish.push_to_hub: {repo!r} — the Llama {plan.meta_llama_version} licence requires "
                           f"the model name to start with {plan.name_prefix!r}")
-    tok_source = final if (final / "tokenizer_config.json").is_file() else run_dir / "student_init"
-    tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(final, run_dir / "student_init"))
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = getattr(load_tokenizer(teacher_dir), "chat_template", None)
         if not tokenizer.chat_template:

@@ -35,6 +35,8 @@ class ServedTeacher:
         self.starts = 0
 
     def start(self) -> None:
+        if self.proc is not None:  # a second server would fail to bind while /health answers from the first
+            raise RuntimeError(f"the vLLM server on {self.url} is already running")
         self.starts += 1
         log_path = self.log_dir / f"server-{self.starts}.log"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}

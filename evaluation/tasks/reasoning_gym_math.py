@@ -63,7 +63,7 @@ class SimpleEquations(ReasoningGymTask):
     """One-step linear equations with one-digit numbers ("Solve for x: 3*x + 4 = 19")."""
 
     name = "rg_simple_equations"
-    version = "2"  # 2: 8 answer tokens (the answer is one integer; longer lines were wrong at any budget)
+    version = "2"  # 2: 8 answer tokens (the answer is one integer)
     family = "simple_equations"
     config = (("min_terms", 2), ("max_terms", 2), ("min_value", 1), ("max_value", 9))
     answer_tokens = 8

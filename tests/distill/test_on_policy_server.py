@@ -121,29 +121,31 @@ def test_a_server_killed_mid_run_keeps_the_checkpoint_and_the_rerun_resumes_the_
         time.sleep(0.02)
     assert proc.poll() is None, "training ended before the server could be killed"
     served_tiny_teacher.kill()
-    rc, output = finish(proc)
-    assert rc == 3 and not (run / "final").exists(), output[-3000:]
-    last = latest_checkpoint(run)
-    assert last is not None and checkpoint_step(last) < steps
-    message = output.strip().splitlines()[-1]
-    assert message.startswith("distill train: stopped: train step ") and "Traceback" not in output, output[-3000:]
-    assert "the teacher failed 2 time(s)" in message and served_tiny_teacher.url in message, message
-    assert f"the last good checkpoint {last} is kept" in message, message
+    try:
+        rc, output = finish(proc)
+        assert rc == 3 and not (run / "final").exists(), output[-3000:]
+        last = latest_checkpoint(run)
+        assert last is not None and checkpoint_step(last) < steps
+        message = output.strip().splitlines()[-1]
+        assert message.startswith("distill train: stopped: train step ") and "Traceback" not in output, output[-3000:]
+        assert "the teacher failed 2 time(s)" in message and served_tiny_teacher.url in message, message
+        assert f"the last good checkpoint {last} is kept" in message, message
 
-    # The kept checkpoint is complete and loads; nothing half-written was promoted or left beside it.
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [p.name for p in list_checkpoints(run)]
-    assert {"config.json", "model.safetensors", OPTIMIZER_FILE, STATE_FILE} <= {p.name for p in last.iterdir()}
-    assert json.loads((last / STATE_FILE).read_text())["step"] == checkpoint_step(last)
-    torch.load(last / OPTIMIZER_FILE, weights_only=False)
-    from transformers import AutoModelForCausalLM
+        # The kept checkpoint is complete and loads; nothing half-written was promoted or left beside it.
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [p.name for p in list_checkpoints(run)]
+        assert {"config.json", "model.safetensors", OPTIMIZER_FILE, STATE_FILE} <= {p.name for p in last.iterdir()}
+        assert json.loads((last / STATE_FILE).read_text())["step"] == checkpoint_step(last)
+        torch.load(last / OPTIMIZER_FILE, weights_only=False)
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(last)
-    weights = load_file(last / "model.safetensors")
-    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
-    kept = sha256_file(last / "model.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(last)
+        weights = load_file(last / "model.safetensors")
+        assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
+        kept = sha256_file(last / "model.safetensors")
+    finally:  # the session's other server tests need it back, whatever happened here
+        served_tiny_teacher.start()
 
     # The server is back (same URL): the same command resumes from the kept checkpoint and completes.
-    served_tiny_teacher.start()
     rc, output = finish(distill_train(configs["killed"], tmp_path / "killed"))
     assert rc == 0 and f"train: resumed from {last}" in output, output[-3000:]
     resumed = read_metrics(run / "metrics.jsonl")

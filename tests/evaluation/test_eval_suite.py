@@ -251,7 +251,8 @@ def test_grouped_attention_matches_stock_sdpa(tiny, tiny_teacher_dir):
     assert tiny.model.config._attn_implementation == "grouped_sdpa"
     stock = load_model(tiny_teacher_dir, device="cpu")
     assert stock.config._attn_implementation == "sdpa"
-    ids, mask, pos = tiny._left_pad([[5, 6, 7, 8, 9], [10, 11]])
+    ids, mask = tiny._left_pad([[5, 6, 7, 8, 9], [10, 11]])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     for kwargs in ({"attention_mask": mask, "position_ids": pos}, {}):  # padded batch; no mask (causal)
         torch.testing.assert_close(tiny.model(input_ids=ids, **kwargs).logits, stock(input_ids=ids, **kwargs).logits)
     packed = torch.tensor([[0, 1, 2, 0, 1]])
